@@ -1,0 +1,564 @@
+"""Side-by-side timing of NNGP + NTK Gram matrices: limitkernel against baselines.
+
+For every N and dtype this runs, each in its own fresh subprocess so that
+the peak resident memory of every method is measured separately:
+
+* ``floor``        numpy's ``x @ x.T`` alone (nothing that starts from the
+                   input Gram matrix can be faster),
+* ``numpy``        a plain numpy layer-by-layer implementation
+                   (``_numpy_reference.py``),
+* ``limitkernel``  ``limitkernel.kernel(spec, x, None, get=("nngp", "ntk"),
+                   dtype=dtype)``,
+* ``nt``           Neural Tangents (JAX, CPU) under the Python of a separate
+                   environment (``_nt_worker.py``),
+
+on the network ``3 * [dense(w_std=1.5, b_std=0.05), relu],
+dense(w_std=1.5, b_std=0.05)`` ("ntk" parameterisation), x against itself,
+x of shape (N, 784) drawn from a standard normal distribution with a fixed
+seed. Each worker warms up (JIT compilation and thread pools) before it is
+timed; the time is the best of ``--repeats`` calls for N <= ``--repeat-max-n``
+and of a single call above. The table shows the time, the absolute peak RSS
+of the worker process (``ru_maxrss``, including the interpreter, the inputs
+and the output), the ratio to the floor and the ratio Neural Tangents /
+limitkernel. See README.rst in this folder.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+
+SPEC_TEXT = "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.05)"
+INPUT_DIM = 784
+DEFAULT_NS = (1000, 2000, 4000, 8000, 16000)
+DEFAULT_DTYPES = ("float64", "float32")
+METHODS = ("floor", "numpy", "limitkernel", "nt")
+LABELS = {
+    "floor": "floor (x @ x.T)",
+    "numpy": "numpy layer-by-layer",
+    "limitkernel": "limitkernel",
+    "nt": "neural-tangents",
+}
+DEFAULT_NT_PYTHON = Path("/work/nt-venv/bin/python")
+MARKER = "BENCH_RESULT "
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------
+# Worker side: runs in a fresh subprocess, one method, one (N, dtype).
+# ---------------------------------------------------------------------------
+
+
+def _peak_rss_bytes():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _emit(result):
+    sys.stdout.write(MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def _make_method(method, dtype):
+    """Return (function of x, versions dict) for an in-environment method."""
+    versions = {"numpy": np.__version__}
+    if method == "floor":
+
+        def run(x):
+            return x @ x.T
+
+    elif method == "numpy":
+        sys.path.insert(0, str(HERE))
+        import _numpy_reference
+
+        def run(x):
+            return _numpy_reference.nngp_ntk(x)
+
+    elif method == "limitkernel":
+        if (REPO_ROOT / "limitkernel").is_dir():
+            sys.path.insert(0, str(REPO_ROOT))
+        import limitkernel
+
+        versions["limitkernel"] = getattr(limitkernel, "__version__", "?")
+        kernel = limitkernel.kernel
+        np_dtype = np.dtype(dtype)
+
+        def run(x):
+            return kernel(SPEC_TEXT, x, None, get=("nngp", "ntk"), dtype=np_dtype)
+
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return run, versions
+
+
+def _describe(out):
+    """Dtype and shape of a method's output, for the record."""
+    if isinstance(out, dict):
+        return {k: [str(np.asarray(v).dtype), list(np.shape(v))] for k, v in out.items()}
+    return {"out": [str(out.dtype), list(out.shape)]}
+
+
+def worker_main(argv):
+    parser = argparse.ArgumentParser(prog="bench_gram.py --worker")
+    parser.add_argument("--worker", required=True, choices=METHODS[:3])
+    parser.add_argument("--x", required=True)
+    parser.add_argument("--dtype", required=True, choices=DEFAULT_DTYPES)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup-n", type=int, default=256)
+    parser.add_argument("--save")
+    args = parser.parse_args(argv)
+
+    try:
+        run, versions = _make_method(args.worker, args.dtype)
+    except (ImportError, AttributeError) as exc:
+        _emit({"status": "n/a", "error": f"{type(exc).__name__}: {exc}"})
+        return 0
+
+    try:
+        x = np.load(args.x).astype(args.dtype)
+        t0 = time.perf_counter()
+        run(np.ascontiguousarray(x[: args.warmup_n]))  # compile, start threads
+        warmup = time.perf_counter() - t0
+        gc.collect()
+        setup_rss = _peak_rss_bytes()
+        times = []
+        out = None
+        for _ in range(max(1, args.repeats)):
+            out = None
+            gc.collect()
+            t0 = time.perf_counter()
+            out = run(x)
+            times.append(time.perf_counter() - t0)
+        if args.save and isinstance(out, dict):
+            np.savez(args.save, **{k: np.asarray(v) for k, v in out.items()})
+        _emit(
+            {
+                "status": "ok",
+                "time": min(times),
+                "times": times,
+                "warmup_time": warmup,
+                "peak_rss_bytes": _peak_rss_bytes(),
+                "peak_rss_after_setup_bytes": setup_rss,
+                "output": _describe(out),
+                "versions": versions,
+            }
+        )
+    except MemoryError as exc:
+        _emit({"status": "OOM", "error": f"{type(exc).__name__}: {exc}",
+               "peak_rss_bytes": _peak_rss_bytes()})
+    except (ArithmeticError, LookupError, OSError, RuntimeError, TypeError,
+            ValueError) as exc:
+        # Anything else still ends the worker; the driver reports "failed".
+        _emit({"status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:500]}",
+               "peak_rss_bytes": _peak_rss_bytes()})
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Driver side.
+# ---------------------------------------------------------------------------
+
+
+def _total_memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _rss_of(pid):
+    """Current resident memory of a process in bytes (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _nt_python(explicit):
+    if explicit:
+        return explicit
+    env = os.environ.get("LIMITKERNEL_NT_PYTHON")
+    if env:
+        return env
+    if DEFAULT_NT_PYTHON.exists():
+        return str(DEFAULT_NT_PYTHON)
+    return None
+
+
+def run_worker(cmd, timeout, mem_limit, env=None, verbose=False):
+    """Run one worker under a wall-clock timeout and a resident-memory guard.
+
+    Returns the worker's result dict; a worker that is killed, times out or
+    prints no result gets a status of "OOM", "timeout" or "failed".
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        killed_for = None
+        seen_rss = 0
+        while True:
+            try:
+                returncode = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            rss = _rss_of(proc.pid)
+            if rss is not None:
+                seen_rss = max(seen_rss, rss)
+                if mem_limit and rss > mem_limit:
+                    killed_for = "OOM"
+            if time.monotonic() - start > timeout:
+                killed_for = "timeout"
+            if killed_for:
+                proc.kill()
+                returncode = proc.wait()
+                break
+        elapsed = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if verbose and stderr.strip():
+        sys.stderr.write(stderr)
+    result = None
+    for line in stdout.splitlines():
+        if line.startswith(MARKER):
+            result = json.loads(line[len(MARKER):])
+    if result is None:
+        if killed_for == "OOM":
+            note = f"killed by the memory guard at {seen_rss / GB:.1f} GB"
+            result = {"status": "OOM", "error": note}
+        elif killed_for == "timeout":
+            result = {"status": "timeout", "error": f"killed after {timeout:g} s"}
+        elif returncode in (-9, 137):
+            # SIGKILL that the guard did not send: the kernel's OOM killer.
+            result = {"status": "OOM", "error": "killed (SIGKILL, out of memory?)"}
+        else:
+            tail = stderr.strip().splitlines()[-1:] or [f"exit code {returncode}"]
+            result = {"status": "failed", "error": tail[0][:300]}
+        if seen_rss:
+            result.setdefault("peak_rss_bytes", seen_rss)
+    result["wall_time"] = elapsed
+    return result
+
+
+def _parse_list(text, convert):
+    return [convert(item) for item in text.split(",") if item.strip()]
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser():
+    total = _total_memory_bytes()
+    default_limit = round(0.9 * total / GB, 1) if total else 0.0
+    parser = argparse.ArgumentParser(
+        description="Time NNGP + NTK Gram matrices: limitkernel against numpy "
+        "(floor and layer-by-layer) and Neural Tangents, side by side.",
+    )
+    parser.add_argument("--n", default=",".join(map(str, DEFAULT_NS)),
+                        help="comma-separated numbers of inputs (default %(default)s)")
+    parser.add_argument("--dtype", default=",".join(DEFAULT_DTYPES),
+                        help="comma-separated dtypes among float64, float32 "
+                        "(default %(default)s)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods among {', '.join(METHODS)} "
+                        "(default all)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="time the best of this many calls for "
+                        "N <= --repeat-max-n (default %(default)s)")
+    parser.add_argument("--repeat-max-n", type=_positive_int, default=2000,
+                        help="above this N, time a single call (default %(default)s)")
+    parser.add_argument("--nt-max-n", type=_positive_int, default=8000,
+                        help="skip Neural Tangents above this N; it needs about "
+                        "18 GB at N=16000 in float64 (default %(default)s)")
+    parser.add_argument("--numpy-max-n", type=_positive_int, default=0,
+                        help="skip the numpy layer-by-layer baseline above this N "
+                        "(default 0: only skip where its estimated memory exceeds "
+                        "--mem-limit-gb)")
+    parser.add_argument("--mem-limit-gb", type=float, default=default_limit,
+                        help="kill a worker whose resident memory exceeds this; "
+                        "0 disables the guard (default %(default)s, 90%% of RAM)")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds allowed for one worker (default %(default)s)")
+    parser.add_argument("--warmup-n", type=_positive_int, default=256,
+                        help="inputs used by the warm-up call of the numpy and "
+                        "limitkernel workers (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the standard normal inputs (default %(default)s)")
+    parser.add_argument("--nt-python",
+                        help="Python with neural-tangents installed (default: "
+                        f"$LIMITKERNEL_NT_PYTHON, else {DEFAULT_NT_PYTHON} if it exists)")
+    parser.add_argument("--json", help="also write all results to this JSON file")
+    parser.add_argument("--verbose", action="store_true",
+                        help="pass the workers' stderr through")
+    return parser
+
+
+def _fmt_time(result):
+    if result["status"] != "ok":
+        return result["status"]
+    return f"{result['time']:.3f}"
+
+
+def _fmt_rss(result):
+    rss = result.get("peak_rss_bytes")
+    return f"{rss / GB:.2f}" if rss else "-"
+
+
+def _ratio(num, den):
+    if not num or not den or num["status"] != "ok" or den["status"] != "ok":
+        return "-"
+    if den["time"] <= 0:
+        return "-"
+    return f"{num['time'] / den['time']:.2f}"
+
+
+HEADER = ("N", "dtype", "method", "time (s)", "peak RSS (GB)", "/ floor", "NT / lk")
+WIDTHS = (6, 7, 21, 10, 13, 8, 7)
+
+
+def _format_row(cells):
+    parts = []
+    for i, (cell, width) in enumerate(zip(cells, WIDTHS)):
+        parts.append(str(cell).ljust(width) if i in (1, 2) else str(cell).rjust(width))
+    return "  ".join(parts)
+
+
+def _table_rows(results, ns, dtypes, methods):
+    rows = []
+    for n in ns:
+        for dtype in dtypes:
+            group = results.get((n, dtype), {})
+            floor = group.get("floor")
+            for method in methods:
+                res = group.get(method)
+                if res is None:
+                    continue
+                nt_over_lk = (
+                    _ratio(res, group.get("limitkernel")) if method == "nt" else ""
+                )
+                rows.append(
+                    _format_row(
+                        (
+                            n,
+                            dtype,
+                            LABELS[method],
+                            _fmt_time(res),
+                            _fmt_rss(res),
+                            _ratio(res, floor),
+                            nt_over_lk,
+                        )
+                    )
+                )
+    return rows
+
+
+def _max_rel_diff(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("nan")
+    denom = np.maximum(np.abs(b), np.finfo(np.float64).tiny)
+    return float(np.max(np.abs(a - b) / denom))
+
+
+def driver_main(argv):
+    args = build_parser().parse_args(argv)
+    ns = _parse_list(args.n, int)
+    dtypes = _parse_list(args.dtype, str)
+    methods = _parse_list(args.methods, str)
+    for dtype in dtypes:
+        if dtype not in DEFAULT_DTYPES:
+            raise SystemExit(f"unknown dtype {dtype!r}; use float64 and/or float32")
+    for method in methods:
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; use some of {METHODS}")
+    methods = [m for m in METHODS if m in methods]
+    if not ns or min(ns) <= 0:
+        raise SystemExit("--n needs positive sizes")
+    mem_limit = args.mem_limit_gb * GB if args.mem_limit_gb > 0 else None
+    nt_python = _nt_python(args.nt_python)
+    smallest = min(ns)
+
+    sys.path.insert(0, str(HERE))
+    import _numpy_reference
+
+    print("bench_gram: NNGP + NTK of x with itself, x ~ standard normal "
+          f"(seed {args.seed}), d = {INPUT_DIM}")
+    print(f"  network: {SPEC_TEXT}")
+    print(f"  machine: {os.cpu_count()} CPUs, "
+          f"{(_total_memory_bytes() or 0) / GB:.1f} GB RAM, {platform.machine()}, "
+          f"Python {platform.python_version()}, numpy {np.__version__}")
+    print(f"  Neural Tangents python: {nt_python or 'not found (column shows n/a)'}")
+    guard = f"memory guard {args.mem_limit_gb:g} GB" if mem_limit else "memory guard off"
+    print(f"  repeats: best of {args.repeats} for N <= {args.repeat_max_n}, else 1; "
+          f"timeout {args.timeout:g} s; {guard}")
+    print(flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_gram_"))
+    results = {}
+    versions = {}
+    saved = {}
+    print(_format_row(HEADER))
+    print(_format_row(["-" * w for w in WIDTHS]), flush=True)
+    try:
+        for n in ns:
+            x_path = workdir / f"x_{n}.npy"
+            rng = np.random.default_rng(args.seed)
+            np.save(x_path, rng.standard_normal((n, INPUT_DIM)))
+            for dtype in dtypes:
+                itemsize = np.dtype(dtype).itemsize
+                group = results.setdefault((n, dtype), {})
+                for method in methods:
+                    repeats = args.repeats if n <= args.repeat_max_n else 1
+                    save = None
+                    if n == smallest and method in ("numpy", "limitkernel", "nt"):
+                        save = workdir / f"{method}_{n}_{dtype}.npz"
+                    skip = None
+                    if method == "numpy":
+                        need = _numpy_reference.estimate_bytes(n, INPUT_DIM, itemsize)
+                        if args.numpy_max_n and n > args.numpy_max_n:
+                            skip = "skipped (--numpy-max-n)"
+                        elif mem_limit and need > mem_limit:
+                            skip = f"skipped (needs ~{need / GB:.0f} GB)"
+                    if method == "nt":
+                        if nt_python is None:
+                            skip = "n/a"
+                        elif args.nt_max_n and n > args.nt_max_n:
+                            skip = "skipped (--nt-max-n)"
+                    if skip:
+                        res = {"status": skip}
+                    else:
+                        if method == "nt":
+                            cmd = [nt_python, str(HERE / "_nt_worker.py")]
+                            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                                       TF_CPP_MIN_LOG_LEVEL="2")
+                        else:
+                            cmd = [sys.executable, str(Path(__file__).resolve()),
+                                   "--worker", method,
+                                   "--warmup-n", str(args.warmup_n)]
+                            env = None
+                        cmd += ["--x", str(x_path), "--dtype", dtype,
+                                "--repeats", str(repeats)]
+                        if save:
+                            cmd += ["--save", str(save)]
+                        res = run_worker(cmd, args.timeout, mem_limit, env=env,
+                                         verbose=args.verbose)
+                        if res["status"] == "ok" and save and save.exists():
+                            saved[(method, dtype)] = save
+                        versions.update(res.get("versions", {}) if method != "nt"
+                                        else {f"nt:{k}": v for k, v in
+                                              res.get("versions", {}).items()})
+                    group[method] = res
+                    floor = group.get("floor")
+                    nt_lk = ""
+                    if method == "nt":
+                        nt_lk = _ratio(res, group.get("limitkernel"))
+                    print(_format_row((n, dtype, LABELS[method], _fmt_time(res),
+                                       _fmt_rss(res), _ratio(res, floor), nt_lk)),
+                          flush=True)
+            x_path.unlink()
+
+        print()
+        print("Summary")
+        print(_format_row(HEADER))
+        print(_format_row(["-" * w for w in WIDTHS]))
+        for row in _table_rows(results, ns, dtypes, methods):
+            print(row)
+        print()
+        print("/ floor: time over numpy's x @ x.T for the same N and dtype. "
+              "NT / lk: Neural Tangents time over limitkernel time.")
+        print("peak RSS: ru_maxrss of the worker process (interpreter, inputs, "
+              "outputs and all), 1 GB = 1e9 bytes.")
+
+        notes = []
+        for (n, dtype), group in results.items():
+            for method, res in group.items():
+                if res.get("error") and res["status"] != "n/a":
+                    notes.append(f"  N={n} {dtype} {LABELS[method]}: {res['error']}")
+                elif res.get("error") and method == "limitkernel":
+                    notes.append(f"  {LABELS[method]} not available: {res['error']}")
+        if notes:
+            print()
+            print("Notes")
+            for note in dict.fromkeys(notes):
+                print(note)
+
+        print()
+        print(f"Sanity check at N = {smallest}: max over entries of "
+              "|a - b| / |b|, b = numpy layer-by-layer (same dtype)")
+        any_check = False
+        for dtype in dtypes:
+            ref_path = saved.get(("numpy", dtype))
+            if ref_path is None:
+                continue
+            ref = np.load(ref_path)
+            for method in ("limitkernel", "nt"):
+                path = saved.get((method, dtype))
+                if path is None:
+                    continue
+                other = np.load(path)
+                diffs = []
+                for key in ("nngp", "ntk"):
+                    if key in other and key in ref:
+                        diffs.append(f"{key} {_max_rel_diff(other[key], ref[key]):.2e}")
+                print(f"  {dtype}  {LABELS[method]:<16} vs numpy: " + ", ".join(diffs))
+                any_check = True
+        if not any_check:
+            print("  (not available: needs the numpy baseline and limitkernel or "
+                  "Neural Tangents at the smallest N)")
+
+        if versions:
+            print()
+            print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+
+        if args.json:
+            payload = {
+                "spec": SPEC_TEXT,
+                "input_dim": INPUT_DIM,
+                "seed": args.seed,
+                "inputs": "standard normal",
+                "versions": versions,
+                "results": [
+                    dict(res, n=n, dtype=dtype, method=method)
+                    for (n, dtype), group in results.items()
+                    for method, res in group.items()
+                ],
+            }
+            with open(args.json, "w") as fh:
+                json.dump(payload, fh, indent=1)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--worker":
+        return worker_main(argv)
+    return driver_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Architecture description: layers, the text and JSON forms, validation.
+
+A spec is a :class:`Serial` of layers. Every layer maps the kernel state of a
+pair of inputs to the kernel state of the next layer; :mod:`limitkernel.gram`
+turns a spec into one fused per-entry pass over the Gram matrix.
+
+The text form reads like the network::
+
+    3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.05)
+
+``N * [ ... ]`` repeats a group, ``dense`` without arguments means
+``w_std=1, b_std=0``, and ``str(spec)`` parses back to an equal spec.
+"""
+
+import difflib
+import json
+import math
+
+__all__ = [
+    "Layer",
+    "Dense",
+    "Serial",
+    "SpecError",
+    "serial",
+    "mlp",
+    "parse",
+    "as_spec",
+    "to_json",
+    "from_json",
+]
+
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be parsed or does not describe a valid network."""
+
+
+class Layer:
+    """A layer of a fully-connected network, described by its parameters.
+
+    Subclasses set ``name`` (the word used in the text form) and
+    ``defaults`` (parameter name -> default value, in text-form order).
+    """
+
+    name = None
+    defaults = {}
+
+    def __init__(self, **params):
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise SpecError(
+                f"{self.name}: unknown parameter {unknown[0]!r}; "
+                f"it takes {_describe_params(self.defaults)}"
+            )
+        values = dict(self.defaults)
+        values.update(params)
+        self.params = {k: self._check(k, v) for k, v in values.items()}
+
+    def _check(self, key, value):
+        default = self.defaults[key]
+        if value is None and default is None:
+            return None
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise SpecError(f"{self.name}: {key} must be a word, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{self.name}: {key} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise SpecError(f"{self.name}: {key} must be finite, got {value!r}")
+        return value
+
+    def __getattr__(self, key):
+        params = self.__dict__.get("params", {})
+        if key in params:
+            return params[key]
+        raise AttributeError(key)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.params == other.params
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(sorted(self.params.items(), key=str))))
+
+    def __str__(self):
+        shown = [
+            f"{k}={_format_value(v)}"
+            for k, v in self.params.items()
+            if v != self.defaults[k]
+        ]
+        return f"{self.name}({', '.join(shown)})" if shown else self.name
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    def to_dict(self):
+        return {"layer": self.name, **self.params}
+
+
+class Dense(Layer):
+    """Fully-connected layer ``z = W x + b`` (the readout is one too).
+
+    Parameters
+    ----------
+    w_std, b_std : float
+        Weight and bias scales σ_w, σ_b.
+    parameterization : {"ntk", "standard"}
+        "ntk": ``z = σ_w/√n · W x + σ_b · b`` with W, b ~ N(0, 1) (default).
+        "standard": W ~ N(0, σ_w²/n), b ~ N(0, σ_b²); the NTK then depends on
+        the input width n of the layer, which the previous dense layer's
+        ``width`` (or the input dimension, for the first) supplies.
+    width : float or None
+        Output width of this layer; needed only by the "standard"
+        parameterisation, for the next dense layer's NTK.
+    """
+
+    name = "dense"
+    defaults = {"w_std": 1.0, "b_std": 0.0, "parameterization": "ntk", "width": None}
+
+    def __init__(self, w_std=1.0, b_std=0.0, parameterization="ntk", width=None):
+        super().__init__(
+            w_std=w_std, b_std=b_std, parameterization=parameterization, width=width
+        )
+        if self.w_std < 0 or self.b_std < 0:
+            raise SpecError(
+                f"dense: w_std and b_std are standard deviations and must be >= 0, "
+                f"got w_std={self.w_std}, b_std={self.b_std}"
+            )
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise SpecError(
+                f"dense: parameterization must be 'ntk' or 'standard', "
+                f"got {self.parameterization!r}"
+            )
+        if self.width is not None and (self.width < 1 or self.width != int(self.width)):
+            raise SpecError(f"dense: width must be a positive integer, got {self.width}")
+
+
+class Serial:
+    """A network: layers applied in order. Nested serials are flattened."""
+
+    def __init__(self, layers):
+        flat = []
+        for layer in layers:
+            if isinstance(layer, Serial):
+                flat.extend(layer.layers)
+            elif isinstance(layer, Layer):
+                flat.append(layer)
+            else:
+                raise SpecError(
+                    f"a spec holds layers (Dense, activations, serial(...)), got {layer!r}"
+                )
+        self.layers = tuple(flat)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __eq__(self, other):
+        return isinstance(other, Serial) and self.layers == other.layers
+
+    def __hash__(self):
+        return hash(self.layers)
+
+    def __str__(self):
+        return _compress([str(layer) for layer in self.layers])
+
+    def __repr__(self):
+        return f"parse({str(self)!r})"
+
+    def to_dict(self):
+        return {"layers": [layer.to_dict() for layer in self.layers]}
+
+
+def serial(*layers):
+    """Chain layers (or other serials) into a network."""
+    return Serial(layers)
+
+
+def mlp(depth, activation="relu", w_std=1.0, b_std=0.0, parameterization="ntk",
+        width=None):
+    """The common MLP: ``depth`` hidden [dense, activation] pairs and a dense readout.
+
+    ``activation`` is a name (``"relu"``, ``"erf"``...) or an activation layer.
+    """
+    from .activations import get_activation
+
+    if int(depth) != depth or depth < 0:
+        raise SpecError(f"mlp: depth must be a non-negative integer, got {depth!r}")
+    act = get_activation(activation) if isinstance(activation, str) else activation
+
+    def dense():
+        return Dense(w_std, b_std, parameterization, width)
+
+    hidden = [layer for _ in range(int(depth)) for layer in (dense(), act)]
+    return Serial(hidden + [Dense(w_std, b_std, parameterization, None)])
+
+
+def as_spec(spec):
+    """Accept a Serial, a single layer, a list of layers, or the text form."""
+    if isinstance(spec, Serial):
+        return spec
+    if isinstance(spec, Layer):
+        return Serial([spec])
+    if isinstance(spec, str):
+        return parse(spec)
+    if isinstance(spec, dict):
+        return from_dict(spec)
+    if isinstance(spec, (list, tuple)):
+        return Serial(spec)
+    raise SpecError(
+        f"expected a spec (text such as 'dense, relu, dense', layer objects or "
+        f"serial(...)), got {type(spec).__name__}"
+    )
+
+
+def layer_from_name(name, params, where=""):
+    """Build the layer called ``name`` with keyword ``params``."""
+    from .activations import REGISTRY
+
+    if name == Dense.name:
+        return Dense(**params)
+    if name in REGISTRY:
+        return REGISTRY[name](**params)
+    known = [Dense.name] + sorted(REGISTRY)
+    ranked = sorted(known, key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio())
+    raise SpecError(
+        f"unknown layer {name!r}{where}; known, closest first: {', '.join(ranked)}"
+    )
+
+
+# ---------------------------------------------------------------- text form
+
+
+def _format_value(value):
+    if isinstance(value, str):
+        return value
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _describe_params(defaults):
+    if not defaults:
+        return "no parameters"
+    return ", ".join(f"{k} (default {_format_value(v) if v is not None else 'none'})"
+                     for k, v in defaults.items())
+
+
+def _compress(items):
+    """Join layer strings, folding a run of a repeated group into ``n * [...]``."""
+    out, i, n = [], 0, len(items)
+    while i < n:
+        best = (1, 1)  # (group length, repeats)
+        for size in range(1, (n - i) // 2 + 1):
+            group = items[i:i + size]
+            reps = 1
+            while items[i + reps * size:i + (reps + 1) * size] == group:
+                reps += 1
+            if reps > 1 and size * reps > best[0] * best[1]:
+                best = (size, reps)
+        size, reps = best
+        if reps > 1:
+            out.append(f"{reps} * [{', '.join(items[i:i + size])}]")
+        else:
+            out.append(items[i])
+        i += size * reps
+    return ", ".join(out)
+
+
+class _Parser:
+    def __init__(self, text):
+        self.text = text
+        self.pos = 0
+
+    def fail(self, expected):
+        found = self.text[self.pos:self.pos + 12]
+        found = repr(found) if found else "end of spec"
+        lo = max(0, self.pos - 25)
+        context = self.text[lo:self.pos] + " <HERE> " + self.text[self.pos:self.pos + 25]
+        raise SpecError(
+            f"bad spec at character {self.pos + 1}: expected {expected}, "
+            f"found {found} (in {context.strip()!r})"
+        )
+
+    def skip(self):
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self):
+        self.skip()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def eat(self, char, expected=None):
+        if self.peek() != char:
+            self.fail(expected or repr(char))
+        self.pos += 1
+
+    def word(self):
+        self.skip()
+        start = self.pos
+        while self.pos < len(self.text) and (
+            self.text[self.pos].isalnum() or self.text[self.pos] == "_"
+        ):
+            self.pos += 1
+        return self.text[start:self.pos]
+
+    def number(self):
+        self.skip()
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] in "0123456789+-.eE":
+            self.pos += 1
+        token = self.text[start:self.pos]
+        try:
+            return float(token)
+        except ValueError:
+            self.pos = start
+            self.fail("a number")
+
+    def spec(self, closing=""):
+        items = list(self.element())
+        while self.peek() == ",":
+            self.pos += 1
+            items.extend(self.element())
+        if self.peek() != closing:
+            self.fail("',' or " + (repr(closing) if closing else "end of spec"))
+        return items
+
+    def element(self):
+        char = self.peek()
+        if char.isdigit():
+            start = self.pos
+            count = self.word()
+            if not count.isdigit():
+                self.pos = start
+                self.fail("a repeat count such as '3 * [...]'")
+            self.eat("*", "'*' after a repeat count")
+            if self.peek() == "[":
+                self.pos += 1
+                group = self.spec("]")
+                self.pos += 1
+            else:
+                group = self.layer()
+            return group * int(count)
+        if char == "[":
+            self.pos += 1
+            group = self.spec("]")
+            self.pos += 1
+            return group
+        return self.layer()
+
+    def layer(self):
+        start = self.pos
+        self.skip()
+        start = self.pos
+        name = self.word()
+        if not name or not (name[0].isalpha() or name[0] == "_"):
+            self.fail("a layer name such as 'dense' or 'relu'")
+        params = {}
+        if self.peek() == "(":
+            self.pos += 1
+            while self.peek() != ")":
+                key = self.word()
+                if not key:
+                    self.fail("a parameter name or ')'")
+                self.eat("=", f"'=' after parameter {key!r}")
+                if self.peek().isalpha():
+                    params[key] = self.word()
+                else:
+                    params[key] = self.number()
+                if self.peek() == ",":
+                    self.pos += 1
+                elif self.peek() != ")":
+                    self.fail("',' or ')' after a parameter")
+            self.pos += 1
+        try:
+            return [layer_from_name(name, params, f" at character {start + 1}")]
+        except SpecError as err:
+            if "at character" in str(err):
+                raise
+            raise SpecError(f"{err} (layer at character {start + 1})") from None
+
+
+def parse(text):
+    """Parse the text form of a spec, e.g. ``'3 * [dense, relu], dense'``."""
+    if not isinstance(text, str):
+        raise SpecError(f"spec text must be a string, got {type(text).__name__}")
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        return from_json(stripped)
+    if not stripped:
+        raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
+    return Serial(_Parser(text).spec())
+
+
+# ---------------------------------------------------------------- JSON form
+
+
+def to_json(spec, indent=None):
+    """JSON form: ``{"layers": [{"layer": "dense", "w_std": 1.5, ...}, ...]}``."""
+    return json.dumps(as_spec(spec).to_dict(), indent=indent)
+
+
+def from_dict(data):
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+        raise SpecError('a JSON spec is an object {"layers": [{"layer": "dense", ...}, ...]}')
+    layers = []
+    for index, entry in enumerate(data["layers"]):
+        if not isinstance(entry, dict) or "layer" not in entry:
+            raise SpecError(f'JSON spec layer {index}: expected {{"layer": NAME, ...}}, got {entry!r}')
+        params = {k: v for k, v in entry.items() if k != "layer"}
+        layers.append(layer_from_name(entry["layer"], params, f" (JSON layer {index})"))
+    return Serial(layers)
+
+
+def from_json(text):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"bad JSON spec at character {err.pos + 1}: {err.msg}") from None
+    return from_dict(data)
