@@ -80,17 +80,32 @@ def _relu(k, theta, buffers):
     return pi_minus, theta, (scale, rho)
 
 
-def nngp_ntk(x, layers=DEFAULT_LAYERS):
+def gram(x, method="syrk"):
+    """``x @ x.T``; ``method="gemm"`` multiplies by a contiguous copy of x.T.
+
+    numpy sends ``x @ x.T`` to BLAS ``syrk`` (one triangle, then mirrored);
+    with a copy of ``x.T`` it is a plain ``gemm``. Some OpenBLAS builds crash
+    in the threaded ``dsyrk`` for large N, which the copy avoids.
+    """
+    if method == "gemm":
+        return x @ np.ascontiguousarray(x.T)
+    if method != "syrk":
+        raise ValueError(f"unknown Gram method {method!r}")
+    return x @ x.T
+
+
+def nngp_ntk(x, layers=DEFAULT_LAYERS, gram_method="syrk"):
     """NNGP and NTK Gram matrices of ``x`` with itself.
 
     ``x`` is an (N, d) float32 or float64 array; the result has its dtype.
+    ``gram_method`` chooses how ``x @ x.T`` is computed (see :func:`gram`).
     Returns ``{"nngp": K, "ntk": Theta}``.
     """
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
     d = x.shape[1]
-    k = x @ x.T
+    k = gram(x, gram_method)
     k /= d
     theta = None
     buffers = None

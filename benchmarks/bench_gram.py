@@ -30,6 +30,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,20 +73,28 @@ def _emit(result):
     sys.stdout.flush()
 
 
-def _make_method(method, dtype):
+def _reference():
+    """The plain-numpy baseline module, which lives next to this file."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import _numpy_reference
+
+    return _numpy_reference
+
+
+def _make_method(method, dtype, gram_method="syrk"):
     """Return (function of x, versions dict) for an in-environment method."""
     versions = {"numpy": np.__version__}
+    _numpy_reference = _reference()
     if method == "floor":
 
         def run(x):
-            return x @ x.T
+            return _numpy_reference.gram(x, gram_method)
 
     elif method == "numpy":
-        sys.path.insert(0, str(HERE))
-        import _numpy_reference
 
         def run(x):
-            return _numpy_reference.nngp_ntk(x)
+            return _numpy_reference.nngp_ntk(x, gram_method=gram_method)
 
     elif method == "limitkernel":
         if (REPO_ROOT / "limitkernel").is_dir():
@@ -119,10 +128,11 @@ def worker_main(argv):
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--warmup-n", type=int, default=256)
     parser.add_argument("--save")
+    parser.add_argument("--gram", default="syrk", choices=("syrk", "gemm"))
     args = parser.parse_args(argv)
 
     try:
-        run, versions = _make_method(args.worker, args.dtype)
+        run, versions = _make_method(args.worker, args.dtype, args.gram)
     except (ImportError, AttributeError) as exc:
         _emit({"status": "n/a", "error": f"{type(exc).__name__}: {exc}"})
         return 0
@@ -249,6 +259,13 @@ def run_worker(cmd, timeout, mem_limit, env=None, verbose=False):
         elif returncode in (-9, 137):
             # SIGKILL that the guard did not send: the kernel's OOM killer.
             result = {"status": "OOM", "error": "killed (SIGKILL, out of memory?)"}
+        elif returncode < 0:
+            try:
+                name = signal.Signals(-returncode).name
+            except ValueError:
+                name = f"signal {-returncode}"
+            result = {"status": "crashed", "error": f"worker died of {name}",
+                      "signal": -returncode}
         else:
             tail = stderr.strip().splitlines()[-1:] or [f"exit code {returncode}"]
             result = {"status": "failed", "error": tail[0][:300]}
@@ -256,6 +273,55 @@ def run_worker(cmd, timeout, mem_limit, env=None, verbose=False):
             result.setdefault("peak_rss_bytes", seen_rss)
     result["wall_time"] = elapsed
     return result
+
+
+def _label(method, res):
+    """Row label; a star marks a rerun with the gemm form of x @ x.T."""
+    return LABELS[method] + (" *" if res.get("gram") == "gemm" else "")
+
+
+def _run_cell(method, n, dtype, x_path, args, mem_limit, nt_python, save_dir):
+    """Run (or skip) one method at one (N, dtype); return its result dict."""
+    itemsize = np.dtype(dtype).itemsize
+    if method == "numpy":
+        need = _reference().estimate_bytes(n, INPUT_DIM, itemsize)
+        if args.numpy_max_n and n > args.numpy_max_n:
+            return {"status": "skipped", "error": f"N above --numpy-max-n "
+                    f"{args.numpy_max_n}"}
+        if mem_limit and need > mem_limit:
+            return {"status": "skipped", "error": f"needs about {need / GB:.0f} GB, "
+                    f"more than --mem-limit-gb {mem_limit / GB:g}"}
+    if method == "nt":
+        if nt_python is None:
+            return {"status": "n/a", "error": "no Python with neural-tangents "
+                    "(set LIMITKERNEL_NT_PYTHON or --nt-python)"}
+        if args.nt_max_n and n > args.nt_max_n:
+            return {"status": "skipped", "error": f"N above --nt-max-n {args.nt_max_n}"}
+
+    repeats = args.repeats if n <= args.repeat_max_n else 1
+    save = save_dir / f"{method}_{n}_{dtype}.npz" if save_dir else None
+    if method == "nt":
+        cmd = [nt_python, str(HERE / "_nt_worker.py")]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method,
+               "--warmup-n", str(args.warmup_n)]
+        env = None
+    cmd += ["--x", str(x_path), "--dtype", dtype, "--repeats", str(repeats)]
+    if save and method != "floor":
+        cmd += ["--save", str(save)]
+    res = run_worker(cmd, args.timeout, mem_limit, env=env, verbose=args.verbose)
+    if res["status"] == "crashed" and method in ("floor", "numpy"):
+        # Some OpenBLAS builds crash in threaded dsyrk, which numpy uses for
+        # x @ x.T, at large N; measure the gemm form instead and say so.
+        first = res["error"]
+        res = run_worker(cmd + ["--gram", "gemm"], args.timeout, mem_limit, env=env,
+                         verbose=args.verbose)
+        res["gram"] = "gemm"
+        res["error"] = (f"x @ x.T crashed ({first}); rerun as x @ x.T.copy() (gemm)"
+                        + (f": {res['error']}" if res.get("error") else ""))
+    res["saved"] = bool(res["status"] == "ok" and save and save.exists())
+    return res
 
 
 def _parse_list(text, convert):
@@ -335,7 +401,7 @@ def _ratio(num, den):
 
 
 HEADER = ("N", "dtype", "method", "time (s)", "peak RSS (GB)", "/ floor", "NT / lk")
-WIDTHS = (6, 7, 21, 10, 13, 8, 7)
+WIDTHS = (6, 7, 22, 10, 13, 8, 7)
 
 
 def _format_row(cells):
@@ -363,7 +429,7 @@ def _table_rows(results, ns, dtypes, methods):
                         (
                             n,
                             dtype,
-                            LABELS[method],
+                            _label(method, res),
                             _fmt_time(res),
                             _fmt_rss(res),
                             _ratio(res, floor),
@@ -401,9 +467,6 @@ def driver_main(argv):
     nt_python = _nt_python(args.nt_python)
     smallest = min(ns)
 
-    sys.path.insert(0, str(HERE))
-    import _numpy_reference
-
     print("bench_gram: NNGP + NTK of x with itself, x ~ standard normal "
           f"(seed {args.seed}), d = {INPUT_DIM}")
     print(f"  network: {SPEC_TEXT}")
@@ -428,55 +491,20 @@ def driver_main(argv):
             rng = np.random.default_rng(args.seed)
             np.save(x_path, rng.standard_normal((n, INPUT_DIM)))
             for dtype in dtypes:
-                itemsize = np.dtype(dtype).itemsize
                 group = results.setdefault((n, dtype), {})
                 for method in methods:
-                    repeats = args.repeats if n <= args.repeat_max_n else 1
-                    save = None
-                    if n == smallest and method in ("numpy", "limitkernel", "nt"):
-                        save = workdir / f"{method}_{n}_{dtype}.npz"
-                    skip = None
-                    if method == "numpy":
-                        need = _numpy_reference.estimate_bytes(n, INPUT_DIM, itemsize)
-                        if args.numpy_max_n and n > args.numpy_max_n:
-                            skip = "skipped (--numpy-max-n)"
-                        elif mem_limit and need > mem_limit:
-                            skip = f"skipped (needs ~{need / GB:.0f} GB)"
-                    if method == "nt":
-                        if nt_python is None:
-                            skip = "n/a"
-                        elif args.nt_max_n and n > args.nt_max_n:
-                            skip = "skipped (--nt-max-n)"
-                    if skip:
-                        res = {"status": skip}
-                    else:
-                        if method == "nt":
-                            cmd = [nt_python, str(HERE / "_nt_worker.py")]
-                            env = dict(os.environ, JAX_PLATFORMS="cpu",
-                                       TF_CPP_MIN_LOG_LEVEL="2")
-                        else:
-                            cmd = [sys.executable, str(Path(__file__).resolve()),
-                                   "--worker", method,
-                                   "--warmup-n", str(args.warmup_n)]
-                            env = None
-                        cmd += ["--x", str(x_path), "--dtype", dtype,
-                                "--repeats", str(repeats)]
-                        if save:
-                            cmd += ["--save", str(save)]
-                        res = run_worker(cmd, args.timeout, mem_limit, env=env,
-                                         verbose=args.verbose)
-                        if res["status"] == "ok" and save and save.exists():
-                            saved[(method, dtype)] = save
-                        versions.update(res.get("versions", {}) if method != "nt"
-                                        else {f"nt:{k}": v for k, v in
-                                              res.get("versions", {}).items()})
+                    res = _run_cell(method, n, dtype, x_path, args, mem_limit,
+                                    nt_python, workdir if n == smallest else None)
+                    if res.pop("saved", None):
+                        saved[(method, dtype)] = workdir / f"{method}_{n}_{dtype}.npz"
+                    prefix = "nt:" if method == "nt" else ""
+                    versions.update({prefix + k: v
+                                     for k, v in res.get("versions", {}).items()})
                     group[method] = res
-                    floor = group.get("floor")
-                    nt_lk = ""
-                    if method == "nt":
-                        nt_lk = _ratio(res, group.get("limitkernel"))
-                    print(_format_row((n, dtype, LABELS[method], _fmt_time(res),
-                                       _fmt_rss(res), _ratio(res, floor), nt_lk)),
+                    nt_lk = _ratio(res, group.get("limitkernel")) if method == "nt" else ""
+                    print(_format_row((n, dtype, _label(method, res), _fmt_time(res),
+                                       _fmt_rss(res), _ratio(res, group.get("floor")),
+                                       nt_lk)),
                           flush=True)
             x_path.unlink()
 
@@ -489,16 +517,21 @@ def driver_main(argv):
         print()
         print("/ floor: time over numpy's x @ x.T for the same N and dtype. "
               "NT / lk: Neural Tangents time over limitkernel time.")
+        print("* the x @ x.T of this row was computed as x @ x.T.copy() (BLAS gemm) "
+              "because x @ x.T (BLAS syrk) crashed; see the notes.")
         print("peak RSS: ru_maxrss of the worker process (interpreter, inputs, "
               "outputs and all), 1 GB = 1e9 bytes.")
 
         notes = []
         for (n, dtype), group in results.items():
             for method, res in group.items():
-                if res.get("error") and res["status"] != "n/a":
-                    notes.append(f"  N={n} {dtype} {LABELS[method]}: {res['error']}")
-                elif res.get("error") and method == "limitkernel":
+                if not res.get("error"):
+                    continue
+                if res["status"] == "n/a":
                     notes.append(f"  {LABELS[method]} not available: {res['error']}")
+                else:
+                    notes.append(f"  N={n} {dtype} {_label(method, res)}: "
+                                 f"{res['status']}, {res['error']}")
         if notes:
             print()
             print("Notes")
@@ -506,24 +539,28 @@ def driver_main(argv):
                 print(note)
 
         print()
-        print(f"Sanity check at N = {smallest}: max over entries of "
-              "|a - b| / |b|, b = numpy layer-by-layer (same dtype)")
+        print(f"Sanity check at N = {smallest}: max over entries of |a - b| / |b|, "
+              "b = numpy layer-by-layer in float64 (in the same dtype when float64 "
+              "was not run)")
         any_check = False
         for dtype in dtypes:
-            ref_path = saved.get(("numpy", dtype))
+            ref_path = saved.get(("numpy", "float64")) or saved.get(("numpy", dtype))
             if ref_path is None:
                 continue
             ref = np.load(ref_path)
-            for method in ("limitkernel", "nt"):
+            ref_dtype = str(ref["ntk"].dtype)
+            for method in ("numpy", "limitkernel", "nt"):
                 path = saved.get((method, dtype))
-                if path is None:
+                if path is None or path == ref_path:
                     continue
                 other = np.load(path)
-                diffs = []
-                for key in ("nngp", "ntk"):
-                    if key in other and key in ref:
-                        diffs.append(f"{key} {_max_rel_diff(other[key], ref[key]):.2e}")
-                print(f"  {dtype}  {LABELS[method]:<16} vs numpy: " + ", ".join(diffs))
+                diffs = [
+                    f"{key} {_max_rel_diff(other[key], ref[key]):.2e}"
+                    for key in ("nngp", "ntk")
+                    if key in other and key in ref
+                ]
+                print(f"  {dtype}  {LABELS[method]:<21} vs numpy {ref_dtype}: "
+                      + ", ".join(diffs))
                 any_check = True
         if not any_check:
             print("  (not available: needs the numpy baseline and limitkernel or "

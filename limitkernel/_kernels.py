@@ -47,7 +47,7 @@ NEAR_DUPLICATE = 1e-3
 _INV_PI = 1.0 / math.pi
 _INV_2PI = 0.5 / math.pi
 
-_jit = njit(cache=True, fastmath=FASTMATH, nogil=True)
+_jit = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 
 @_jit
@@ -114,17 +114,21 @@ def _dense_row(q12, c, th, s11, s22, t11, t22, w2, b2, alpha, beta, want_ntk):
         if want_ntk:
             th[j] = alpha * q + beta + w2 * th[j]
         cj = c[j]
-        nrm = s11 * s22[j]
         nrm_new = t11 * t22[j]
-        gap = s11 - s22[j]
-        dist = gap * gap + 2.0 * nrm * cj
-        det = w2 * w2 * nrm * nrm * cj * (2.0 - cj) + w2 * b2 * dist
-        if nrm_new <= 0.0:
-            cn = 0.0
-        elif new > 0.0:
-            cn = det / (nrm_new * (nrm_new + new))
+        if nrm_new > 0.0:
+            # Every term is scaled by 1/√(q11' q22') before it is squared, so
+            # tiny or huge variances neither underflow nor overflow.
+            inv = 1.0 / nrm_new
+            rho_new = new * inv
+            if rho_new > 0.0:
+                r = s11 * s22[j] * inv
+                u = (s11 - s22[j]) / math.sqrt(nrm_new)
+                det = w2 * w2 * r * r * cj * (2.0 - cj) + w2 * b2 * inv * (u * u + 2.0 * r * cj)
+                cn = det / (1.0 + rho_new)
+            else:
+                cn = 1.0 - rho_new
         else:
-            cn = 1.0 - new / nrm_new
+            cn = 0.0
         q12[j] = new
         c[j] = min(max(cn, 0.0), 2.0)
 
@@ -134,20 +138,21 @@ def _abrelu_row(q12, c, th, s11, s22, a, b, want_ntk):
     """φ(x) = a·x for x < 0, b·x for x ≥ 0 (ReLU, leaky ReLU, abs, identity).
 
     With S = sin θ − θ cos θ, for u, v of variances q11, q22 and angle θ:
-    E[φ(u)φ(v)] = √(q11 q22) [(a−b)² S + (a²+b²) π cos θ] / (2π),
+    E[φ(u)φ(v)] = √(q11 q22) [(a²+b²) S(π−θ) − 2ab S(θ)] / (2π),
     E[φ'(u)φ'(v)] = [(a²+b²)(π−θ) + 2ab θ] / (2π),
     1 − ρ' = (1 − cos θ) − (a−b)² S / (π (a²+b²)).
     """
     n = q12.shape[0]
-    amb2 = (a - b) * (a - b)
     apb2 = a * a + b * b
     ab2 = 2.0 * a * b
-    shrink = amb2 * _INV_PI / apb2
+    shrink = (a - b) * (a - b) * _INV_PI / apb2
     for j in range(n):
         theta, sin_t, cos_t = _angle(c[j])
         s = _sin_minus_theta_cos(theta, sin_t, cos_t)
-        nrm = s11 * s22[j]
-        q12[j] = nrm * (amb2 * s + apb2 * math.pi * cos_t) * _INV_2PI
+        # sin θ + (π − θ) cos θ = S(π − θ): evaluated as such, it keeps its
+        # relative precision as θ → π, where it vanishes like (π − θ)³/3.
+        s_sup = _sin_minus_theta_cos(math.pi - theta, sin_t, -cos_t)
+        q12[j] = s11 * s22[j] * (apb2 * s_sup - ab2 * s) * _INV_2PI
         if want_ntk:
             th[j] *= (apb2 * (math.pi - theta) + ab2 * theta) * _INV_2PI
         c[j] = min(max(c[j] - shrink * s, 0.0), 2.0)
@@ -350,7 +355,7 @@ def _hermite_row(q12, c, th, a_row, b_cols, ad_row, bd_cols, terms, rho, acc, wa
 # ---------------------------------------------------------------- the pass
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
                ops, prm, h1, h2, hd1, hd2, want_ntk):
     """Fill rows r0 .. r0 + len(g) of the outputs, columns c0 .. c0 + g.shape[1].

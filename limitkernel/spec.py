@@ -222,10 +222,13 @@ def layer_from_name(name, params, where=""):
     """Build the layer called ``name`` with keyword ``params``."""
     from .activations import REGISTRY
 
-    if name == Dense.name:
-        return Dense(**params)
-    if name in REGISTRY:
-        return REGISTRY[name](**params)
+    cls = Dense if name == Dense.name else REGISTRY.get(name)
+    if cls is not None:
+        unknown = sorted(set(params) - set(cls.defaults))
+        if unknown:
+            raise SpecError(f"{name}: unknown parameter {unknown[0]!r}{where}; "
+                            f"it takes {_describe_params(cls.defaults)}")
+        return cls(**params)
     known = [Dense.name] + sorted(REGISTRY)
     ranked = sorted(known, key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio())
     raise SpecError(
@@ -369,7 +372,9 @@ class _Parser:
                     self.fail("a parameter name or ')'")
                 self.eat("=", f"'=' after parameter {key!r}")
                 if self.peek().isalpha():
-                    params[key] = self.word()
+                    value = self.word()
+                    is_number = value.lower() in ("nan", "inf", "infinity")
+                    params[key] = float(value) if is_number else value
                 else:
                     params[key] = self.number()
                 if self.peek() == ",":

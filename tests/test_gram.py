@@ -1,0 +1,210 @@
+"""The public Gram API: properties, agreement with a plain reference, errors."""
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import limitkernel as lk
+from limitkernel.gram import DegenerateKernelWarning
+
+RELU3 = "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.05)"
+SPECS = [
+    RELU3,
+    "dense(w_std=1.3, b_std=0.2), erf(a=1.3, b=0.7, c=0.2), dense",
+    "2 * [dense(w_std=1.4142135623730951), leaky_relu(alpha=0.1)], dense",
+    "dense(b_std=0.3), abs, dense(w_std=0.8), relu, dense",
+]
+
+
+def plain_relu_reference(x1, x2, depth, w_std, b_std):
+    """Layer-by-layer numpy recursion with full matrices and a plain arccos."""
+    d = x1.shape[1]
+    w2, b2 = w_std ** 2, b_std ** 2
+    k = x1 @ x2.T / d
+    k1, k2 = (x1 * x1).sum(1) / d, (x2 * x2).sum(1) / d
+    t = np.zeros_like(k)
+    for _ in range(depth):
+        k, k1, k2 = w2 * k + b2, w2 * k1 + b2, w2 * k2 + b2
+        t = k + w2 * t
+        norm = np.sqrt(np.outer(k1, k2))
+        angle = np.arccos(np.clip(k / norm, -1, 1))
+        k = norm * (np.sin(angle) + (np.pi - angle) * np.cos(angle)) / (2 * np.pi)
+        t = t * (np.pi - angle) / (2 * np.pi)
+        k1, k2 = k1 / 2, k2 / 2
+    k = w2 * k + b2
+    return k, k + w2 * t
+
+
+def test_relu_matches_plain_reference_off_diagonal():
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.standard_normal((40, 12)), rng.standard_normal((30, 12))
+    got = lk.kernel(RELU3, x1, x2)
+    ref_k, ref_t = plain_relu_reference(x1, x2, 3, 1.5, 0.05)
+    # Well-separated random inputs: the plain arccos is accurate to ~1e-15 here.
+    np.testing.assert_allclose(got["nngp"], ref_k, rtol=1e-12)
+    np.testing.assert_allclose(got["ntk"], ref_t, rtol=1e-12)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_symmetric_equals_cross_and_diag(spec):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((37, 9))
+    sym = lk.kernel(spec, x)
+    cross = lk.kernel(spec, x, x.copy())
+    diag = lk.kernel_diag(spec, x)
+    for kind in ("nngp", "ntk"):
+        np.testing.assert_allclose(sym[kind], sym[kind].T, rtol=0, atol=0)
+        np.testing.assert_allclose(sym[kind], cross[kind], rtol=1e-13)
+        np.testing.assert_allclose(np.diag(sym[kind]), diag[kind], rtol=1e-14)
+        np.testing.assert_allclose(np.diag(cross[kind]), diag[kind], rtol=1e-13)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_positive_semidefinite_and_permutation_equivariant(spec):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 6))
+    out = lk.kernel(spec, x)
+    perm = rng.permutation(50)
+    permuted = lk.kernel(spec, x[perm])
+    for kind in ("nngp", "ntk"):
+        eig = np.linalg.eigvalsh(out[kind])
+        assert eig[0] > -1e-12 * eig[-1]
+        np.testing.assert_allclose(permuted[kind], out[kind][np.ix_(perm, perm)],
+                                   rtol=1e-13)
+
+
+@given(arrays(np.float64, (6, 4), elements=st.floats(-3, 3)),
+       st.floats(0.1, 10.0), st.integers(1, 4))
+def test_relu_without_bias_is_homogeneous(x, scale, depth):
+    # K(λx, μx') = λμ K(x, x') for ReLU without biases, and the same for Θ.
+    spec = f"{depth} * [dense(w_std=1.4142135623730951), relu], dense"
+    base = lk.kernel(spec, x, x[::-1].copy())
+    scaled = lk.kernel(spec, scale * x, x[::-1].copy())
+    for kind in ("nngp", "ntk"):
+        # Entries that vanish (antiparallel inputs) are compared on the kernel's
+        # scale. Only 1 − ρ is carried accurately, not 1 + ρ, so at exactly
+        # antiparallel inputs θ ≈ π has an absolute error of √eps ≈ 1.5e-8 and
+        # the NTK an error of that order relative to its scale (README, Accuracy).
+        atol = 3e-8 * scale * np.abs(base[kind]).max()
+        np.testing.assert_allclose(scaled[kind], scale * base[kind], rtol=1e-12, atol=atol)
+
+
+@given(arrays(np.float64, st.tuples(st.integers(1, 8), st.integers(1, 5)),
+              elements=st.floats(-5, 5)))
+def test_k_of_x_equals_k_of_x_x_and_diag(x):
+    kern = lk.Kernel(RELU3, kind="ntk")
+    full = kern(x)
+    assert np.all(np.isfinite(full))
+    np.testing.assert_allclose(full, kern(x, x.copy()), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(np.diag(full), kern.diag(x), rtol=1e-14, atol=1e-300)
+
+
+def test_zero_inputs_and_duplicates_stay_finite():
+    x = np.array([[0.0, 0.0], [1.0, 2.0], [1.0, 2.0], [-1.0, -2.0]])
+    for spec in SPECS:
+        out = lk.kernel(spec, x)
+        for value in out.values():
+            assert np.all(np.isfinite(value))
+        np.testing.assert_allclose(out["ntk"][1, 2], out["ntk"][1, 1], rtol=1e-14)
+
+
+def test_float32_output_is_rounded_float64():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 10))
+    f64 = lk.kernel(RELU3, x)
+    f32 = lk.kernel(RELU3, x, dtype="float32")
+    for kind in ("nngp", "ntk"):
+        assert f32[kind].dtype == np.float32
+        # Arithmetic is float64, so only the final rounding (2^-24) remains.
+        np.testing.assert_allclose(f32[kind], f64[kind], rtol=2 ** -24, atol=0)
+
+
+def test_get_one_kernel_and_many_row_blocks(monkeypatch):
+    import limitkernel.gram as gram
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((100, 5))
+    whole = lk.kernel(RELU3, x)
+    monkeypatch.setattr(gram, "_BLOCK_BYTES", 8 * 100 * 16)  # 16-row blocks
+    blocked = lk.kernel(RELU3, x)
+    only = lk.kernel(RELU3, x, get="ntk")
+    assert list(only) == ["ntk"]
+    # Different row blocks change only the GEMM's summation order.
+    np.testing.assert_allclose(blocked["ntk"], whole["ntk"], rtol=1e-13)
+    np.testing.assert_array_equal(only["ntk"], blocked["ntk"])
+
+
+def test_integer_and_noncontiguous_inputs_are_converted():
+    x = np.arange(60).reshape(6, 10)
+    as_float = np.ascontiguousarray(x[:, ::2], dtype=float)
+    np.testing.assert_array_equal(lk.kernel(RELU3, x[:, ::2])["ntk"],
+                                  lk.kernel(RELU3, as_float)["ntk"])
+
+
+@pytest.mark.parametrize("x1, x2, message", [
+    (np.ones(5), None, "2D array"),
+    (np.ones((0, 3)), None, "empty"),
+    (np.array([[1.0, np.nan]]), None, "NaN or inf .first at row 0, column 1"),
+    (np.ones((2, 3)), np.ones((2, 4)), "same number of features"),
+    (np.ones((2, 3)), np.array([[1, 2, np.inf]]), "x2 contains NaN or inf"),
+])
+def test_bad_inputs_get_clear_errors(x1, x2, message):
+    with pytest.raises(ValueError, match=message):
+        lk.kernel(RELU3, x1, x2)
+
+
+def test_bad_arguments():
+    x = np.ones((3, 2))
+    with pytest.raises(ValueError, match="get must name"):
+        lk.kernel(RELU3, x, get="cov")
+    with pytest.raises(ValueError, match="dtype must be float64 or float32"):
+        lk.kernel(RELU3, x, dtype="int32")
+    with pytest.raises(lk.SpecError, match="dense readout"):
+        lk.kernel("dense, relu", x)
+    with pytest.raises(lk.SpecError, match="width"):
+        lk.kernel("dense(parameterization=standard), relu, dense", x)
+
+
+def test_refuses_what_will_not_fit():
+    x = np.ones((1000, 3))
+    with pytest.raises(lk.MemoryBudgetError, match="need 16.1 MB but only 1 MB is available"):
+        lk.kernel(RELU3, x, memory_limit=1_000_000)
+
+
+def test_overflow_is_reported():
+    with pytest.raises(FloatingPointError, match="overflows at layer"):
+        lk.kernel("200 * [dense(w_std=100), relu], dense", np.ones((2, 2)))
+
+
+def test_degenerate_deep_kernel_warns():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 3))
+    spec = "60 * [dense(w_std=0.5, b_std=1.0), erf], dense"
+    with pytest.warns(DegenerateKernelWarning, match="degenerate"):
+        lk.kernel(spec, x, get="nngp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.kernel(RELU3, x)
+
+
+def test_standard_parameterisation_follows_fan_in():
+    # Standard: Θ ← n_in K_in + 1 + σ_w² Θ, with n_in the previous layer's width
+    # (the input dimension for the first); K is the same as in "ntk".
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 4))
+    std = lk.kernel("dense(w_std=1.5, b_std=0.1, parameterization=standard, width=64), "
+                    "relu, dense(w_std=1.5, b_std=0.1, parameterization=standard)", x)
+    ntk = lk.kernel("dense(w_std=1.5, b_std=0.1), relu, dense(w_std=1.5, b_std=0.1)", x)
+    np.testing.assert_allclose(std["nngp"], ntk["nngp"], rtol=1e-14)
+    k0 = x @ x.T / 4
+    k1 = 2.25 * k0 + 0.01
+    norm = np.sqrt(np.outer(np.diag(k1), np.diag(k1)))
+    angle = np.arccos(np.clip(k1 / norm, -1, 1))
+    relu_k = norm * (np.sin(angle) + (np.pi - angle) * np.cos(angle)) / (2 * np.pi)
+    relu_dot = (np.pi - angle) / (2 * np.pi)
+    expected = 64 * relu_k + 1 + 2.25 * (4 * k0 + 1) * relu_dot
+    np.testing.assert_allclose(std["ntk"], expected, rtol=1e-9)
