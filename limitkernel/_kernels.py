@@ -50,26 +50,78 @@ _INV_2PI = 0.5 / math.pi
 _jit = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 
+# atan(u)/u = Σ_k ATAN_POLY[k] (u²)^k on 0 ≤ u² ≤ tan²(π/8): the polynomial that
+# interpolates it at 14 Chebyshev nodes of that interval, solved in 50-digit
+# mpmath and rounded to float64 (max relative error 2.4e-18 there):
+#   a = mp.tan(mp.pi/8)**2; nodes = [a/2*(1 + mp.cos(mp.pi*(k + 0.5)/14)) ...]
+#   mp.lu_solve(vandermonde(nodes), [mp.atan(mp.sqrt(w))/mp.sqrt(w) for w in nodes])
+# tests/test_kernels.py checks the resulting angle against mpmath.
+ATAN_POLY = (
+    1.0, -0.3333333333333333, 0.1999999999999985, -0.14285714285692105,
+    0.11111111109374344, -0.09090909009273804, 0.07692305199589404,
+    -0.06666614813536087, 0.058815973499589294, -0.052553408501062854,
+    0.047044349347049826, -0.04051145565673609, 0.029533108747433718,
+    -0.012911256782015863,
+)
+_TAN_PI_8 = 0.41421356237309503
+
+
+@_jit
+def _atan2_upper(y, x):
+    """atan2(y, x) for y ≥ 0, in [0, π], without a library call.
+
+    Branch-free range reduction (octant, then tan(π/8)) and one polynomial, so the
+    loops that call it vectorise; accurate to a few ulps, and to full relative
+    precision for small angles.
+    """
+    ax = abs(x)
+    num = min(y, ax)
+    den = max(y, ax)
+    t = num / den if den > 0.0 else 0.0
+    big = t > _TAN_PI_8
+    u = (t - 1.0) / (t + 1.0) if big else t
+    w = u * u
+    p = ATAN_POLY[13]
+    p = p * w + ATAN_POLY[12]
+    p = p * w + ATAN_POLY[11]
+    p = p * w + ATAN_POLY[10]
+    p = p * w + ATAN_POLY[9]
+    p = p * w + ATAN_POLY[8]
+    p = p * w + ATAN_POLY[7]
+    p = p * w + ATAN_POLY[6]
+    p = p * w + ATAN_POLY[5]
+    p = p * w + ATAN_POLY[4]
+    p = p * w + ATAN_POLY[3]
+    p = p * w + ATAN_POLY[2]
+    p = p * w + ATAN_POLY[1]
+    p = p * w + ATAN_POLY[0]
+    a = u * p + (0.7853981633974483 if big else 0.0)
+    a = 1.5707963267948966 - a if y > ax else a
+    return math.pi - a if x < 0.0 else a
+
+
 @_jit
 def _angle(c):
     """θ = arccos(1 - c), from c = 1 - cos θ without cancellation."""
     cos_t = 1.0 - c
     sin_t = math.sqrt(max(c * (2.0 - c), 0.0))
-    return math.atan2(sin_t, cos_t), sin_t, cos_t
+    return _atan2_upper(sin_t, cos_t), sin_t, cos_t
 
 
 @_jit
 def _sin_minus_theta_cos(theta, sin_t, cos_t):
     """S(θ) = sin θ − θ cos θ, by its Taylor series where the two terms cancel.
 
-    S(θ) = Σ_{k≥1} (−1)^{k+1} 2k θ^{2k+1} / (2k+1)!; below θ = 0.3 seven terms
-    leave a relative truncation error under 1e-17.
+    S(θ) = Σ_{k≥1} (−1)^{k+1} 2k θ^{2k+1} / (2k+1)!; below θ = 0.6 nine terms
+    leave a relative truncation error under 1e-19, and above it the direct
+    difference loses at most three bits.
     """
-    if theta < 0.3:
+    if theta < 0.6:
         t2 = theta * theta
         poly = (1.0 / 3.0) + t2 * (-1.0 / 30.0 + t2 * (1.0 / 840.0 + t2 * (
             -1.0 / 45360.0 + t2 * (1.0 / 3991680.0 + t2 * (
-                -1.0 / 518918400.0 + t2 * (1.0 / 93405312000.0))))))
+                -1.0 / 518918400.0 + t2 * (1.0 / 93405312000.0 + t2 * (
+                    -1.0 / 22230464256000.0 + t2 * (1.0 / 6758061133824000.0))))))))
         return theta * t2 * poly
     return sin_t - theta * cos_t
 
@@ -141,13 +193,17 @@ def _abrelu_row(q12, c, th, s11, s22, a, b, want_ntk):
     E[φ(u)φ(v)] = √(q11 q22) [(a²+b²) S(π−θ) − 2ab S(θ)] / (2π),
     E[φ'(u)φ'(v)] = [(a²+b²)(π−θ) + 2ab θ] / (2π),
     1 − ρ' = (1 − cos θ) − (a−b)² S / (π (a²+b²)).
+    An input of zero variance is independent of the other: it is taken at
+    θ = π/2, which makes E[φ'(u)φ'(v)] = (a+b)²/4, i.e. φ'(0) = (a+b)/2, the
+    convention of Neural Tangents (and of JAX's derivative of max(x, 0) at 0).
     """
     n = q12.shape[0]
     apb2 = a * a + b * b
     ab2 = 2.0 * a * b
     shrink = (a - b) * (a - b) * _INV_PI / apb2
     for j in range(n):
-        theta, sin_t, cos_t = _angle(c[j])
+        cj = c[j] if s11 * s22[j] > 0.0 else 1.0
+        theta, sin_t, cos_t = _angle(cj)
         s = _sin_minus_theta_cos(theta, sin_t, cos_t)
         # sin θ + (π − θ) cos θ = S(π − θ): evaluated as such, it keeps its
         # relative precision as θ → π, where it vanishes like (π − θ)³/3.
@@ -155,7 +211,7 @@ def _abrelu_row(q12, c, th, s11, s22, a, b, want_ntk):
         q12[j] = s11 * s22[j] * (apb2 * s_sup - ab2 * s) * _INV_2PI
         if want_ntk:
             th[j] *= (apb2 * (math.pi - theta) + ab2 * theta) * _INV_2PI
-        c[j] = min(max(c[j] - shrink * s, 0.0), 2.0)
+        c[j] = min(max(cj - shrink * s, 0.0), 2.0)
 
 
 @_jit
@@ -163,7 +219,9 @@ def _step_row(q12, c, th, s11, s22, signed, want_ntk):
     """Heaviside step (signed=False) or sign (signed=True); φ' = 0 almost everywhere.
 
     step: E[φφ] = (π − θ)/(2π), 1 − ρ' = θ/π;  sign: E[φφ] = 1 − 2θ/π, 1 − ρ' = 2θ/π.
-    An input of zero variance gives φ = 0 (step(0) = sign(0) = 0).
+    An input of zero variance gives φ = 0 (step(0) = sign(0) = 0), uncorrelated
+    with anything (ρ' = 0). The NTK factor is 0, as in Neural Tangents' ``Sign``
+    (and its ``RectifiedMonomial(0)``), not the δ of the distributional derivative.
     """
     n = q12.shape[0]
     for j in range(n):
@@ -171,10 +229,10 @@ def _step_row(q12, c, th, s11, s22, signed, want_ntk):
         live = s11 * s22[j] > 0.0
         if signed:
             q12[j] = 1.0 - 2.0 * theta * _INV_PI if live else 0.0
-            c[j] = 2.0 * theta * _INV_PI if live else 0.0
+            c[j] = 2.0 * theta * _INV_PI if live else 1.0
         else:
             q12[j] = (math.pi - theta) * _INV_2PI if live else 0.0
-            c[j] = theta * _INV_PI if live else 0.0
+            c[j] = theta * _INV_PI if live else 1.0
         if want_ntk:
             th[j] = 0.0
 
@@ -190,136 +248,234 @@ def _generic_c(q12, c, t11, t22):
 
 @_jit
 def _erf_row(q12, c, th, q11, q22, a, b, cc, want_ntk):
-    """φ(x) = a·erf(b x) + c (Williams 1997).
+    """φ(x) = a·erf(b x) + c (Williams 1997; Neural Tangents ``Erf(a, b, c)``).
 
-    E[φφ] = (2a²/π) asin(2b² q12 / √((1+2b² q11)(1+2b² q22))) + c²,
-    E[φ'φ'] = (4a²b²/π) / √((1+2b² q11)(1+2b² q22) − 4b⁴ q12²).
+    With Δ = (1 + 2b² q11)(1 + 2b² q22) − 4b⁴ q12² ≥ 1:
+    E[φφ] = (2a²/π) atan2(2b² q12, √Δ) + c²
+          = (2a²/π) asin(2b² q12 / √((1 + 2b² q11)(1 + 2b² q22))) + c²,
+    E[φ'φ'] = (4a²b²/π) / √Δ.
+    Δ = 1 + 2b²(q11 + q22) + 4b⁴ q11 q22 (1 − ρ²) is a sum of non-negative
+    terms, so neither formula cancels, even at ρ = ±1.
     """
     n = q12.shape[0]
     b2 = 2.0 * b * b
-    p1 = 1.0 + b2 * q11
+    amp = 2.0 * a * a * _INV_PI
+    slope = 4.0 * a * a * b * b * _INV_PI
+    offset = cc * cc
     for j in range(n):
-        q = q12[j]
-        p2 = 1.0 + b2 * q22[j]
-        r = min(max(b2 * q / math.sqrt(p1 * p2), -1.0), 1.0)
-        q12[j] = 2.0 * a * a * _INV_PI * math.asin(r) + cc * cc
+        cj = c[j]
+        det = 1.0 + b2 * (q11 + q22[j]) + b2 * b2 * q11 * q22[j] * cj * (2.0 - cj)
+        root = math.sqrt(det)
+        q12[j] = amp * math.atan2(b2 * q12[j], root) + offset
         if want_ntk:
-            det = p1 * p2 - b2 * b2 * q * q
-            th[j] *= 4.0 * a * a * b * b * _INV_PI / math.sqrt(max(det, 1e-300))
+            th[j] *= slope / root
 
 
 @_jit
 def _trig_row(q12, c, th, q11, q22, a, b, cc, want_ntk):
-    """φ(x) = a·sin(b x + c) (sin, cos, rbf).
+    """φ(x) = a·sin(b x + c) (sin, cos, rbf), and an accurate 1 − ρ'.
 
-    With E± = exp(−b² (q11 + q22 ± 2 q12)/2):
-    E[φφ] = a²/2 (E− − E+ cos 2c), E[φ'φ'] = a²b²/2 (E− + E+ cos 2c).
+    With y = b²(q11 + q22 − 2 q12)/2, E− = e^{−y}, E+ = exp(−b²(q11 + q22 + 2 q12)/2)
+    and C = cos 2c:
+    E[φφ] = a²/2 (E− − C E+),  E[φ'φ'] = a²b²/2 (E− + C E+).
+    q11 + q22 − 2 q12 = (√q11 − √q22)² + 2√(q11 q22)(1 − ρ) is formed without
+    cancellation. With e_i = exp(−b² q_ii), G = √((1 − C e1²)(1 − C e2²)) (so that
+    √(K11' K22') = a² G/2) and M = 1 − C e1 e2, the new correlation satisfies
+    (1 − ρ') G = −expm1(−y)(1 + C E+) − C (e1 − e2)² / (G + M),
+    whose terms are each accurate (for rbf, C = 0 and 1 − ρ' = −expm1(−y)).
     """
     n = q12.shape[0]
     h = 0.5 * b * b
+    b2 = b * b
     cos2c = math.cos(2.0 * cc)
     half_a2 = 0.5 * a * a
+    r11 = math.sqrt(q11)
+    e1 = math.exp(-b2 * q11)
+    big_a = 1.0 - cos2c * e1 * e1
     for j in range(n):
         q = q12[j]
-        s = q11 + q22[j]
-        # q11 + q22 − 2 q12 = (√q11 − √q22)² + 2 √(q11 q22)(1 − ρ), exactly.
-        gap = math.sqrt(q11) - math.sqrt(q22[j])
-        minus = math.exp(-h * (gap * gap + 2.0 * math.sqrt(q11 * q22[j]) * c[j]))
-        plus = math.exp(-h * (s + 2.0 * q)) * cos2c
+        r22 = math.sqrt(q22[j])
+        gap = r11 - r22
+        y = h * (gap * gap + 2.0 * r11 * r22 * c[j])
+        minus = math.exp(-y)
+        plus = math.exp(-h * (q11 + q22[j] + 2.0 * q)) * cos2c
         q12[j] = half_a2 * (minus - plus)
         if want_ntk:
-            th[j] *= half_a2 * b * b * (minus + plus)
+            th[j] *= half_a2 * b2 * (minus + plus)
+        # e1 − e2 = e1 (1 − exp(−b²(q22 − q11))), without cancellation.
+        e2 = math.exp(-b2 * q22[j])
+        de = -e1 * math.expm1(-b2 * (q22[j] - q11))
+        g = math.sqrt(big_a * (1.0 - cos2c * e2 * e2))
+        m = 1.0 - cos2c * e1 * e2
+        num = -math.expm1(-y) * (1.0 + plus) - cos2c * de * de / (g + m)
+        c[j] = min(max(num / g, 0.0), 2.0) if g > 0.0 else 0.0
 
 
 @_jit
 def _gaussian_row(q12, c, th, q11, q22, a, b, want_ntk):
-    """φ(x) = exp(a x² + b), for 4a·q < 1 (checked by the caller).
+    """φ(x) = a·exp(b x²) (Neural Tangents ``Gaussian(a, b)``), for 4b·q < 1.
 
-    With A = 1 − 2a q11, B = 1 − 2a q22, Δ = A B − 4a² q12²:
-    E[φφ] = e^{2b} / √Δ, E[φ'φ'] = 4a² e^{2b} q12 / Δ^{3/2}.
+    With Δ = (1 − 2b q11)(1 − 2b q22) − 4b² q12²
+           = 1 − 2b(q11 + q22) + 4b² q11 q22 (1 − ρ²)  (formed that way):
+    E[φφ] = a² / √Δ,  E[φ'φ'] = 4a²b² q12 / Δ^{3/2}.
+    For b ≤ 0 every term of Δ is ≥ 0; for b > 0 the caller has checked
+    4b q < 1 on the diagonals, which makes Δ > 1 − 2b(q11 + q22) > 0.
     """
     n = q12.shape[0]
-    e2b = math.exp(2.0 * b)
-    big_a = 1.0 - 2.0 * a * q11
+    a2 = a * a
+    slope = 4.0 * a2 * b * b
     for j in range(n):
-        q = q12[j]
-        det = big_a * (1.0 - 2.0 * a * q22[j]) - 4.0 * a * a * q * q
+        cj = c[j]
+        det = (1.0 - 2.0 * b * (q11 + q22[j])
+               + 4.0 * b * b * q11 * q22[j] * cj * (2.0 - cj))
         root = math.sqrt(det)
-        q12[j] = e2b / root
         if want_ntk:
-            th[j] *= 4.0 * a * a * e2b * q / (det * root)
+            th[j] *= slope * q12[j] / (det * root)
+        q12[j] = a2 / root
 
 
 @_jit
 def _exp_row(q12, c, th, q11, q22, a, b, want_ntk):
-    """φ(x) = a·exp(b x): E[φφ] = a² exp(b²(q11 + q22 + 2 q12)/2), E[φ'φ'] = b² E[φφ]."""
+    """φ(x) = a·exp(b x) (Neural Tangents ``Exp(a, b)``).
+
+    E[φφ] = a² exp(b²(q11 + q22 + 2 q12)/2), E[φ'φ'] = b² E[φφ], and
+    ρ' = exp(−b²(q11 + q22 − 2 q12)/2), so 1 − ρ' = −expm1(−y) exactly as in
+    :func:`_trig_row`.
+    """
     n = q12.shape[0]
     h = 0.5 * b * b
+    a2 = a * a
+    b2 = b * b
+    r11 = math.sqrt(q11)
     for j in range(n):
-        val = a * a * math.exp(h * (q11 + q22[j] + 2.0 * q12[j]))
+        val = a2 * math.exp(h * (q11 + q22[j] + 2.0 * q12[j]))
         q12[j] = val
         if want_ntk:
-            th[j] *= b * b * val
+            th[j] *= b2 * val
+        r22 = math.sqrt(q22[j])
+        gap = r11 - r22
+        c[j] = min(-math.expm1(-h * (gap * gap + 2.0 * r11 * r22 * c[j])), 2.0)
 
 
 @_jit
 def _gelu_row(q12, c, th, q11, q22, want_ntk):
-    """φ(x) = x Φ(x), Φ the standard normal CDF.
+    """φ(x) = x Φ(x), Φ the standard normal CDF (exact GELU).
 
-    With P = 1 + q11, Q = 1 + q22, R = P Q − q12²:
-    E[φφ] = q12/4 + q12 asin(q12/√(PQ))/(2π) + q11 q22 / (2π √R · ... ) terms,
-    written out in limitkernel.activations.Gelu.
+    With P = 1 + q11, Q = 1 + q22, R = P Q − q12² = 1 + q11 + q22 + q11 q22 (1 − ρ²)
+    (≥ 1, formed without cancellation) and A = atan2(q12, √R) = asin(q12/√(PQ)):
+    E[φφ]   = q12/4 + q12 A/(2π) + (q11 q22 R + q12²) / (2π P Q √R),
+    E[φ'φ'] = 1/4 + A/(2π) + q12 (1 + 1/R + (1 − q11 q22)/(P Q)) / (2π √R).
+    The first follows from x Φ(x) = E_g[x 1{x − g ≥ 0}], g ~ N(0, 1), and
+    Stein's lemma; the second is its derivative in q12 (Price's theorem).
     """
     n = q12.shape[0]
+    p = 1.0 + q11
     for j in range(n):
         q = q12[j]
-        p = 1.0 + q11
-        r = 1.0 + q22[j]
-        det = p * r - q * q
-        root = math.sqrt(det)
-        asn = math.asin(min(max(q / math.sqrt(p * r), -1.0), 1.0))
-        val = 0.25 * q + _INV_2PI * (q * asn + (q11 * q22[j] + q11 + q22[j] - q * q + 1.0 - det) / root)
-        val = 0.25 * q + _INV_2PI * q * asn + _INV_2PI * (q11 * q22[j] - q * q + det - det) / root
-        q12[j] = val
+        cj = c[j]
+        prod = q11 * q22[j]
+        pq = p * (1.0 + q22[j])
+        big_r = 1.0 + q11 + q22[j] + prod * cj * (2.0 - cj)
+        root = math.sqrt(big_r)
+        ang = math.atan2(q, root) * _INV_2PI
+        q12[j] = 0.25 * q + q * ang + (prod * big_r + q * q) * _INV_2PI / (pq * root)
         if want_ntk:
-            th[j] *= 0.25 + _INV_2PI * asn + _INV_2PI * q * (1.0 + q11 + q22[j]) / (det * root) * 0.0
+            th[j] *= (0.25 + ang + q * _INV_2PI / root
+                      * (1.0 + 1.0 / big_r + (1.0 - prod) / pq))
 
 
 @_jit
 def _relu_pow_row(q12, c, th, s11, s22, k, want_ntk):
     """φ(x) = max(x, 0)^k, k = 2, 3, 4 (Cho & Saul 2009, arc-cosine kernel of order k).
 
-    E[φφ] = (q11 q22)^{k/2} J_k(θ)/(2π), E[φ'φ'] = k² (q11 q22)^{(k−1)/2} J_{k−1}(θ)/(2π).
+    E[φφ] = (q11 q22)^{k/2} J_k(θ)/(2π), E[φ'φ'] = k² (q11 q22)^{(k−1)/2} J_{k−1}(θ)/(2π),
+    1 − ρ' = 1 − J_k(θ)/J_k(0) (see :func:`_arccos_j`). An input of zero variance is
+    independent of the other (θ = π/2), as in :func:`_abrelu_row`.
     """
     n = q12.shape[0]
     kk = int(k)
     for j in range(n):
-        theta, sin_t, cos_t = _angle(c[j])
         nrm = s11 * s22[j]
-        jk, jk1, jk0 = _arccos_j(kk, theta, sin_t, cos_t)
+        cj = c[j] if nrm > 0.0 else 1.0
+        theta, sin_t, cos_t = _angle(cj)
+        jk, jk1, ck = _arccos_j(kk, theta, sin_t, cos_t, cj)
         q12[j] = nrm ** kk * jk * _INV_2PI
         if want_ntk:
             th[j] *= kk * kk * nrm ** (kk - 1) * jk1 * _INV_2PI
-        # 1 − ρ' = 1 − J_k(θ)/J_k(0)
-        c[j] = min(max(jk0, 0.0), 2.0)
+        c[j] = min(max(ck, 0.0), 2.0)
+
+
+# Cho–Saul arc-cosine integrals, J_k(θ) = (π − θ) P_k(cos θ) + sin θ Q_k(cos θ):
+#   J_0 = π − θ,  J_1 = sin θ + (π − θ) cos θ,
+#   J_2 = 3 sin θ cos θ + (π − θ)(1 + 2 cos²θ),
+#   J_3 = sin θ (4 + 11 cos²θ) + (π − θ) cos θ (9 + 6 cos²θ),
+#   J_4 = sin θ cos θ (55 + 50 cos²θ) + (π − θ)(9 + 72 cos²θ + 24 cos⁴θ).
+# They follow from κ_k(ρ) = J_k(θ)/(2π) = E[relu(u)^k relu(v)^k] for unit
+# variances and correlation ρ = cos θ: Price's theorem gives dκ_k/dρ = k² κ_{k−1}
+# and κ_k(−1) = 0, so J_k(θ) = k² ∫_θ^π J_{k−1}(t) sin t dt, and J_k(0) = (2k−1)!! π.
+# Split J_k = π P_k(cos θ) + T_k(θ) with T_k = sin θ Q_k(cos θ) − θ P_k(cos θ);
+# then (P_k' = k² P_{k−1}) T_k' = −k² sin θ T_{k−1}, T_0 = −θ, so T_k = O(θ^{2k+1})
+# and
+#   1 − J_k(θ)/J_k(0) = [π c R_k(cos θ) − T_k(θ)] / J_k(0),  c = 1 − cos θ,
+# with R_k(x) = (P_k(1) − P_k(x))/(1 − x):  R_2 = 2(1 + x), R_3 = 15 + 6x + 6x²,
+# R_4 = 24(1 + x)(4 + x²). Computed directly, T_k is a difference of terms of
+# size θ; below θ = 1/2 it comes from its Taylor series
+# T_k = θ^{2k+1} Σ_j t_{k,j} θ^{2j} (exact rationals from sympy's
+# series(sin(t)*Q_k(cos(t)) - t*P_k(cos(t)), t, 0, 2k+21)); ten terms leave a
+# relative truncation error below 1e-17 there.
+_T2 = (-4 / 15, 16 / 315, -4 / 945, 32 / 155925, -8 / 1216215, 32 / 212837625,
+       -4 / 1550674125, 64 / 1856156927625, -8 / 21655164155625,
+       32 / 9861761756471625)
+_T3 = (12 / 35, -2 / 21, 47 / 3850, -173 / 180180, 39443 / 756756000,
+       -3581 / 1715313600, 1135021 / 17599117536000, -234571 / 147832587302400,
+       10593529 / 332459063000064000, -47807083 / 89763947010017280000)
+_T4 = (-64 / 105, 256 / 1155, -8576 / 225225, 19456 / 4729725,
+       -126272 / 402026625, 248576 / 13749310575, -1967744 / 2406129350625,
+       729088 / 24350029028325, -637312 / 702404683509375,
+       44540416 / 1923043542511966875)
+_T_SERIES_BELOW = 0.5
 
 
 @_jit
-def _arccos_j(k, theta, sin_t, cos_t):
-    """J_k(θ), J_{k−1}(θ) and 1 − J_k(θ)/J_k(0) for k = 2, 3, 4."""
+def _poly10(coef, w):
+    """Σ_j coef[j] w^j for a 10-tuple, by Horner."""
+    acc = coef[9]
+    for i in range(8, -1, -1):
+        acc = acc * w + coef[i]
+    return acc
+
+
+@_jit
+def _arccos_j(k, theta, sin_t, cos_t, c):
+    """J_k(θ), J_{k−1}(θ) and 1 − J_k(θ)/J_k(0) for k = 2, 3, 4 (c = 1 − cos θ).
+
+    The last keeps its full relative precision as θ → 0 (see the note above).
+    """
     pt = math.pi - theta
-    s2 = sin_t * sin_t
-    c2 = cos_t * cos_t
-    j1 = sin_t + pt * cos_t
-    j2 = 3.0 * sin_t * cos_t + pt * (1.0 + 2.0 * c2)
+    x = cos_t
+    x2 = x * x
+    small = theta < _T_SERIES_BELOW
+    t2 = theta * theta
     if k == 2:
-        return j2, j1, 1.0 - j2 / (2.0 * math.pi) * 2.0 / 3.0
-    j3 = sin_t * (4.0 + 11.0 * c2) + pt * cos_t * (9.0 + 6.0 * c2)
-    j3 = 15.0 * sin_t - 11.0 * s2 * sin_t + pt * (9.0 * s2 * cos_t + 6.0 * c2 * cos_t)
-    if k == 3:
-        return j3, j2, 1.0 - j3 / (15.0 * math.pi)
-    j4 = 0.0
-    return j4, j3, 1.0 - j4 / (105.0 * math.pi)
+        p, q, p_prev, q_prev = 1.0 + 2.0 * x2, 3.0 * x, x, 1.0
+        r = 2.0 * (2.0 - c)
+        tk = theta * t2 * t2 * _poly10(_T2, t2) if small else sin_t * q - theta * p
+        jk0 = 3.0 * math.pi
+    elif k == 3:
+        p, q = x * (9.0 + 6.0 * x2), 4.0 + 11.0 * x2
+        p_prev, q_prev = 1.0 + 2.0 * x2, 3.0 * x
+        r = 15.0 + 6.0 * x + 6.0 * x2
+        tk = theta * (t2 * t2 * t2) * _poly10(_T3, t2) if small else sin_t * q - theta * p
+        jk0 = 15.0 * math.pi
+    else:
+        p, q = 9.0 + x2 * (72.0 + 24.0 * x2), x * (55.0 + 50.0 * x2)
+        p_prev, q_prev = x * (9.0 + 6.0 * x2), 4.0 + 11.0 * x2
+        r = 24.0 * (2.0 - c) * (4.0 + x2)
+        tk = theta * (t2 * t2) * (t2 * t2) * _poly10(_T4, t2) if small else sin_t * q - theta * p
+        jk0 = 105.0 * math.pi
+    jk = math.pi * p + tk
+    jk_prev = pt * p_prev + sin_t * q_prev
+    return jk, jk_prev, (math.pi * c * r - tk) / jk0
 
 
 @_jit
@@ -402,16 +558,19 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
                 continue
             q11 = a11 * a11
             q22 = a22 * a22
+            # trig and exp update 1 − ρ themselves, accurately.
+            if op == OP_TRIG:
+                _trig_row(q12, c, th, q11, q22, p[0], p[1], p[2], want_ntk)
+                continue
+            if op == OP_EXP:
+                _exp_row(q12, c, th, q11, q22, p[0], p[1], want_ntk)
+                continue
             if op == OP_ERF:
                 _erf_row(q12, c, th, q11, q22, p[0], p[1], p[2], want_ntk)
             elif op == OP_GELU:
                 _gelu_row(q12, c, th, q11, q22, want_ntk)
-            elif op == OP_TRIG:
-                _trig_row(q12, c, th, q11, q22, p[0], p[1], p[2], want_ntk)
             elif op == OP_GAUSSIAN:
                 _gaussian_row(q12, c, th, q11, q22, p[0], p[1], want_ntk)
-            elif op == OP_EXP:
-                _exp_row(q12, c, th, q11, q22, p[0], p[1], want_ntk)
             elif op == OP_HERMITE:
                 if rho.shape[0] < n:
                     rho = np.empty(n)
