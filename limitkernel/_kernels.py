@@ -478,34 +478,107 @@ def _arccos_j(k, theta, sin_t, cos_t, c):
     return jk, jk_prev, (math.pi * c * r - tk) / jk0
 
 
+# Columns per block of a Hermite row: the block's ρ, ρ² and partial sums stay in
+# the L1 cache while the coefficient rows stream past.
+HERMITE_BLOCK = 128
+# A block stops its series at the first k with max |ρ|^k ≤ 2⁻⁵⁴.
+_LOG_TINY = -54.0 * math.log(2.0)
+
+
 @_jit
 def _hermite_row(q12, c, th, a_row, b_cols, ad_row, bd_cols, terms, rho, acc, want_ntk):
     """Numerical activation by its Mehler (Hermite) expansion in ρ.
 
-    E[φ(u)φ(v)] = Σ_k a_k(q11) b_k(q22) ρ^k and likewise for φ', with the
+    E[φ(u)φ(v)] = Σ_{k<T} a_k(q11) b_k(q22) ρ^k and likewise for φ', with the
     normalised Hermite coefficients of φ(√q ·) precomputed per input
-    (limitkernel.activations.hermite_coefficients); Horner in ρ, vectorised over
-    the row.
+    (:meth:`limitkernel.activations.Numerical.coefficients`): ``a_row`` (T,) for
+    this row's input, ``b_cols`` (T, n) for the columns'. Horner's rule in ρ,
+    vectorised over a block of columns, with two savings that change no result
+    beyond rounding:
+
+    * a block stops at the first K with r^K ≤ 2⁻⁵⁴, r = max |ρ| over the block:
+      by Cauchy–Schwarz and Parseval, |Σ_{k≥K} a_k b_k ρ^k| ≤ r^K √(E[φ(u)²]
+      E[φ(v)²]), so what is left is below rounding;
+    * a series whose row coefficients vanish at every odd (even) k — an even
+      (odd) φ, stored with exact zeros — runs in ρ² over the other half.
+
+    ``c`` (1 − ρ) is only read; the caller recomputes it from the new ``q12``.
+    ``rho`` and ``acc`` are scratch rows of length n.
     """
     n = q12.shape[0]
-    for j in range(n):
-        rho[j] = 1.0 - c[j]
-        acc[j] = 0.0
-    for k in range(terms - 1, -1, -1):
-        ak = a_row[k]
-        for j in range(n):
-            acc[j] = acc[j] * rho[j] + ak * b_cols[k, j]
-    for j in range(n):
-        q12[j] = acc[j]
-    if want_ntk:
-        for j in range(n):
-            acc[j] = 0.0
-        for k in range(terms - 1, -1, -1):
-            ak = ad_row[k]
-            for j in range(n):
-                acc[j] = acc[j] * rho[j] + ak * bd_cols[k, j]
-        for j in range(n):
-            th[j] *= acc[j]
+    first_a, step_a = _hermite_parity(a_row, terms)
+    first_d, step_d = _hermite_parity(ad_row, terms)
+    square = np.empty(HERMITE_BLOCK)
+    # An identical input at the start of the row (the diagonal, in the
+    # symmetric case) needs every term: it gets a block of its own.
+    lone = n > 0 and c[0] == 0.0
+    j1 = 0
+    while j1 < n:
+        j0 = j1
+        j1 = 1 if lone and j0 == 0 else min(j0 + HERMITE_BLOCK, n)
+        width = j1 - j0
+        # Views indexed from 0 let the compiler vectorise the loops.
+        x = rho[j0:j1]
+        x2 = square[:width]
+        cj = c[j0:j1]
+        r = 0.0
+        for jj in range(width):
+            v = 1.0 - cj[jj]
+            x[jj] = v
+            x2[jj] = v * v
+            r = max(r, abs(v))
+        count = terms
+        if r < 1.0:
+            count = min(terms, int(_LOG_TINY / math.log(max(r, 1e-300))) + 1)
+        out = q12[j0:j1]
+        _hermite_horner(out, a_row, b_cols, j0, j1, x, x2, first_a, step_a, count)
+        if want_ntk:
+            d = acc[j0:j1]
+            _hermite_horner(d, ad_row, bd_cols, j0, j1, x, x2, first_d, step_d, count)
+            t = th[j0:j1]
+            for jj in range(width):
+                t[jj] *= d[jj]
+
+
+@_jit
+def _hermite_parity(coef, terms):
+    """(first k, step) of the nonzero terms: (0, 2) even, (1, 2) odd, (0, 1) neither."""
+    even = True
+    odd = True
+    for k in range(terms):
+        if coef[k] != 0.0:
+            if k % 2 == 0:
+                odd = False
+            else:
+                even = False
+    if odd and not even:
+        return 1, 2
+    if even:
+        return 0, 2
+    return 0, 1
+
+
+@_jit
+def _hermite_horner(out, coef, cols, j0, j1, x, x2, first, step, count):
+    """out = Σ coef[k] cols[k, j0:j1] ρ^k over k = first, first + step, ... < count.
+
+    ``x`` holds ρ and ``x2`` ρ² for the block; step 2 runs Horner in ρ².
+    """
+    width = out.shape[0]
+    for jj in range(width):
+        out[jj] = 0.0
+    if count <= first:
+        return
+    last = first + ((count - 1 - first) // step) * step
+    z = x if step == 1 else x2
+    for k in range(last, first - 1, -step):
+        ak = coef[k]
+        col = cols[k, j0:j1]
+        for jj in range(width):
+            out[jj] = out[jj] * z[jj] + ak * col[jj]
+    if step == 2 and first == 1:
+        for jj in range(width):
+            out[jj] *= x[jj]
 
 
 # ---------------------------------------------------------------- the pass

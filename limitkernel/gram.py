@@ -14,10 +14,10 @@ import warnings
 import numpy as np
 
 from . import _kernels as K
-from .activations import Activation, Numerical, hermite_coefficients
+from .activations import Activation, Numerical
 from .spec import Dense, SpecError, as_spec
 
-__all__ = ["kernel", "kernel_diag", "Kernel", "MemoryBudgetError", "KINDS"]
+__all__ = ["KINDS", "Kernel", "MemoryBudgetError", "kernel", "kernel_diag"]
 
 KINDS = ("nngp", "ntk")
 
@@ -170,14 +170,31 @@ class _Program:
         return roots, q, theta
 
     def hermite_tables(self, roots):
-        """Hermite coefficients of every numerical layer, for the given inputs."""
+        """Hermite coefficients of every numerical layer, for the given inputs.
+
+        Returns a list with one ``(coef, dcoef)`` pair of (n, T) arrays per
+        numerical layer and records the layer's table index and T in ``prm``.
+        Row and column tables (two calls, for x1 and x2) must cut each series
+        after the same T for the tail bound to hold, so every call raises T to
+        the largest yet chosen on this program and recomputes, in place, the
+        tables of earlier calls that are shorter.
+        """
+        calls = self.__dict__.setdefault("_hermite_calls", [])
         tables = []
         for index, layer in enumerate(self.layers):
             if isinstance(layer, Numerical):
-                coef, dcoef = layer.coefficients(roots[index] ** 2)
                 self.prm[index, 0] = len(tables)
-                self.prm[index, 1] = coef.shape[1]
-                tables.append((coef, dcoef))
+                tables.append(layer.coefficients(roots[index] ** 2))
+        calls.append((roots, tables))
+        slot = 0
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, Numerical):
+                terms = max(t[slot][0].shape[1] for _, t in calls)
+                for past_roots, past in calls:
+                    if past[slot][0].shape[1] < terms:
+                        past[slot] = layer.coefficients(past_roots[index] ** 2, terms=terms)
+                self.prm[index, 1] = terms
+                slot += 1
         return tables
 
 

@@ -15,18 +15,19 @@ The text form reads like the network::
 import difflib
 import json
 import math
+from typing import ClassVar
 
 __all__ = [
-    "Layer",
     "Dense",
+    "Layer",
     "Serial",
     "SpecError",
-    "serial",
+    "as_spec",
+    "from_json",
     "mlp",
     "parse",
-    "as_spec",
+    "serial",
     "to_json",
-    "from_json",
 ]
 
 PARAMETERIZATIONS = ("ntk", "standard")
@@ -44,7 +45,7 @@ class Layer:
     """
 
     name = None
-    defaults = {}
+    defaults: ClassVar[dict] = {}
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.defaults))
@@ -118,7 +119,7 @@ class Dense(Layer):
     """
 
     name = "dense"
-    defaults = {"w_std": 1.0, "b_std": 0.0, "parameterization": "ntk", "width": None}
+    defaults: ClassVar[dict] = {"w_std": 1.0, "b_std": 0.0, "parameterization": "ntk", "width": None}
 
     def __init__(self, w_std=1.0, b_std=0.0, parameterization="ntk", width=None):
         super().__init__(

@@ -124,7 +124,7 @@ def test_float32_output_is_rounded_float64():
 
 
 def test_get_one_kernel_and_many_row_blocks(monkeypatch):
-    import limitkernel.gram as gram
+    from limitkernel import gram
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((100, 5))

@@ -1,0 +1,352 @@
+"""Numerical activations (Hermite/Mehler expansion) against independent references.
+
+* Smooth activations (tanh, softplus, SiLU), one layer: Gram entries against
+  2-D mpmath quadrature at 34 digits (hard-coded below with the snippet that
+  made them), including ρ near ±1 and q11 ≠ q22. The default must be within
+  1e-10 of them relative to √(K11 K22); the proven per-layer bound is 1e-12.
+* A user's callable without derivative (finite differences) against the
+  built-in tanh; ELU and softsign (kinks at 0) against polar 2-D quadrature
+  (``tests/naive.py``) within their stated tolerances and proven bounds.
+* The quadrature itself: against a rule with 4× the nodes and 3× the range,
+  Stein's identity between φ's and φ''s coefficients, parity zeros.
+* The fused pass against the plain truncated series in numpy, and the usual
+  kernel properties on a depth-3 numerical network.
+"""
+
+import math
+import warnings
+
+import naive
+import numpy as np
+import pytest
+
+import limitkernel as lk
+from limitkernel import activations as A
+from limitkernel.gram import _Program
+
+# ---------------------------------------------------------------- references
+
+# Input pairs in d = 2, so "dense, φ, dense" (w_std = 1, b_std = 0) sees
+# q11 = |x1|²/2, q22 = |x2|²/2, q12 = x1·x2/2. They cover ρ = 0.6, 0.8, −0.67,
+# 1 − 5e-9 (q11 = 4 q22), −1 + 1.6e-10, 0 and exactly 1, and variances 0.5–4.5.
+PAIRS = [
+    ((1.0, 0.0), (0.6, 0.8)),
+    ((2.1213203435596424, 0.0), (1.2, 0.9)),
+    ((1.0, 1.0), (-2.0, -1.9)),
+    ((2.0, 0.0), (1.0, 1e-4)),
+    ((1.0, 0.0), (-1.7, 3e-5)),
+    ((1.3, 0.0), (0.0, 2.0)),
+    ((1.2, -0.4), (1.2, -0.4)),
+    ((3.0, 0.0), (2.5, 1.0)),
+]
+
+# (K, Θ) for each pair: K = E[φ(u)φ(v)], Θ = K + q12 E[φ'(u)φ'(v)], made by
+#
+#   import mpmath as mp
+#   mp.mp.dps = 34
+#   sig = lambda x: 1 / (1 + mp.exp(-x))
+#   ACTS = {"tanh": (mp.tanh, lambda x: 1 / mp.cosh(x) ** 2),
+#           "softplus": (lambda x: mp.log1p(mp.exp(x)), sig),
+#           "silu": (lambda x: x * sig(x), lambda x: sig(x) * (1 + x * (1 - sig(x))))}
+#
+#   def expect2(f, g, q11, q22, q12):
+#       a, b = mp.sqrt(q11), mp.sqrt(q22)
+#       rho = q12 / (a * b)
+#       s = mp.sqrt((1 - rho) * (1 + rho))
+#       return mp.quad(lambda z1, z2: f(a * z1) * g(b * (rho * z1 + s * z2))
+#                      * mp.exp(-(z1 * z1 + z2 * z2) / 2),
+#                      [-mp.inf, mp.inf], [-mp.inf, mp.inf]) / (2 * mp.pi)
+#
+#   for x1, x2 in PAIRS:
+#       f, df = ACTS[name]
+#       x1, x2 = [mp.mpf(v) for v in x1], [mp.mpf(v) for v in x2]
+#       q11, q22, q12 = mp.fdot(x1, x1) / 2, mp.fdot(x2, x2) / 2, mp.fdot(x1, x2) / 2
+#       k = expect2(f, f, q11, q22, q12)
+#       t = k + q12 * expect2(df, df, q11, q22, q12)
+#       print(mp.nstr(mp.re(k), 20), mp.nstr(mp.re(t), 20))  # ρ = 1 ± ulp: s may be 1e-17 i
+#
+# (tanh-sinh in 2-D, about 30 s per integral; at 50 digits the first tanh value
+# changes by 3e-34.)
+REFERENCE = {
+    "tanh": [
+        (0.16023772216465360345, 0.32458690488060035024),
+        (0.36200073447432757701, 0.77296893113565909229),
+        (-0.49040020383037546643, -1.1275352482488425677),
+        (0.37202736430316623378, 0.80245429400560548832),
+        (-0.35255919260993126529, -0.75428436722848431222),
+        (0.0, 0.0),
+        (0.35408706819408605911, 0.75795320015564954761),
+        (0.56892848421102936402, 1.3745192687738343257),
+    ],
+    "softplus": [
+        (0.6431724633873614437, 0.72272297329295487119),
+        (1.1049640881138028654, 1.4822443064593087161),
+        (0.42248837697541591675, 0.059727022883474777762),
+        (0.94957893533908704842, 1.2409612087086247493),
+        (0.44321897046548714393, 0.2626097144208915356),
+        (0.71297065502404407833, 0.71297065502404407833),
+        (0.83097174436770934344, 1.0604081078697033785),
+        (2.2501499712584601841, 3.5278231904625253454),
+    ],
+    "silu": [
+        (0.095111836777868680773, 0.18516118068004211504),
+        (0.48502888319916104459, 0.95934262517109480119),
+        (-0.21557436044381463661, -0.38599367067313093662),
+        (0.34952042603663547031, 0.7197246516964693834),
+        (-0.13370628325760182059, -0.24974305285396219037),
+        (0.064952510411906759128, 0.064952510411906759128),
+        (0.27392462435467721971, 0.56536029793380766699),
+        (1.6444297743196655957, 3.310188563719282384),
+    ],
+}
+
+
+def _one_layer(name, x1, x2):
+    """(K, Θ) of "dense, φ, dense" for one pair and the scales √(K11 K22), √(Θ11 Θ22)."""
+    spec = f"dense, {name}, dense"
+    pair = np.array([x1, x2], dtype=float)
+    got = lk.kernel(spec, pair[:1], pair[1:])
+    diag = lk.kernel_diag(spec, pair)
+    return ((got["nngp"][0, 0], got["ntk"][0, 0]),
+            (math.sqrt(diag["nngp"][0] * diag["nngp"][1]),
+             math.sqrt(diag["ntk"][0] * diag["ntk"][1])))
+
+
+# tanh at variances 3.8 and 4.5 needs more than 400 terms for 1e-12 (it warns
+# that the bound there is 5e-11 for E[φ'φ']).
+@pytest.mark.filterwarnings("ignore::limitkernel.activations.SeriesTruncationWarning")
+@pytest.mark.parametrize("name", ["tanh", "softplus", "silu"])
+def test_smooth_activations_match_mpmath(name):
+    """Every entry within 1e-10 of the 34-digit value, relative to √(K11 K22).
+
+    The series is cut where the proven bound is 1e-12 (tol), which is tight only
+    for identical inputs (measured: 4e-13 there, ≤ 3e-15 elsewhere); the
+    quadrature of the coefficients adds ~1e-15.
+    """
+    worst = 0.0
+    for (x1, x2), ref in zip(PAIRS, REFERENCE[name]):
+        got, scale = _one_layer(name, x1, x2)
+        for value, expected, norm in zip(got, ref, scale):
+            worst = max(worst, abs(value - expected) / norm)
+    assert worst <= 1e-10, worst
+    # ... and in fact within the default per-layer bound, plus rounding.
+    assert worst <= 1e-12, worst
+
+
+# ---------------------------------------------------------------- callables
+
+
+def test_callable_without_derivative_matches_builtin_tanh():
+    """φ' by 8th-order finite differences: within 1e-10 of the exact derivative."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 6))
+    x *= np.sqrt(6 * rng.uniform(0.5, 1.2, (40, 1))) / np.linalg.norm(x, axis=1, keepdims=True)
+    x[0] = 0.0  # an input of zero variance (no bias before the activation)
+    x[1] = x[2] * (1.0 + 1e-9)
+    user = lk.Numerical(fn=lambda t: np.tanh(t), name="my_tanh")
+    dense = lk.Dense(1.3, 0.0)
+    spec_user = lk.serial(dense, user, lk.Dense(1.2, 0.1), user, lk.Dense())
+    spec_builtin = "dense(w_std=1.3), tanh, dense(w_std=1.2, b_std=0.1), tanh, dense"
+    got = lk.kernel(spec_user, x)
+    ref = lk.kernel(spec_builtin, x)
+    for kind in ("nngp", "ntk"):
+        scale = np.sqrt(np.outer(np.diag(ref[kind]), np.diag(ref[kind])))
+        assert np.all(np.isfinite(got[kind]))
+        worst = np.max(np.abs(got[kind] - ref[kind]) / np.where(scale > 0, scale, 1.0))
+        assert worst <= 1e-10, worst
+
+
+def test_callable_with_derivative_is_the_builtin():
+    q = np.linspace(0.0, 3.0, 31)
+    user = lk.Numerical(fn=np.tanh, dfn=A._sech2, name="tanh2")
+    for mine, theirs in zip(user.coefficients(q), A.REGISTRY["tanh"]().coefficients(q)):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_finite_difference_derivative_respects_a_kink_at_zero():
+    """ELU without φ': one-sided stencils near 0 keep the error at rounding level."""
+    elu = A.REGISTRY["elu"]()
+    fd = A._FiniteDifference(elu.forward)
+    x = np.concatenate([np.linspace(-3, 3, 2001), [-1e-9, 1e-9, 0.0]])
+    exact = elu.derivative(x)
+    exact[-1] = 1.0  # both one-sided derivatives are 1
+    np.testing.assert_allclose(fd(x), exact, rtol=0, atol=1e-11)
+
+
+def test_zero_variance_input_softplus():
+    """u ≡ 0: E[φ(0)φ(v)] = log 2 · E[softplus(v)], by Gauss–Hermite (numpy)."""
+    x = np.array([[0.0, 0.0], [1.2, -0.3]])
+    got = lk.kernel("dense, softplus, dense", x[:1], x[1:])["nngp"][0, 0]
+    z, w = np.polynomial.hermite_e.hermegauss(200)
+    q22 = np.dot(x[1], x[1]) / 2
+    expected = math.log(2.0) * np.dot(w, np.logaddexp(0.0, math.sqrt(q22) * z)) / math.sqrt(2 * math.pi)
+    assert abs(got - expected) <= 1e-13
+
+
+# ---------------------------------------------------------------- kinks
+
+
+def _naive_elu():
+    return (lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+            lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0.0))))
+
+
+def _naive_softsign():
+    return (lambda x: x / (1.0 + np.abs(x)), lambda x: 1.0 / (1.0 + np.abs(x)) ** 2)
+
+
+@pytest.mark.parametrize("name, make, stated", [
+    ("elu", _naive_elu, 1e-4),
+    ("softsign", _naive_softsign, 3e-3),
+])
+def test_kinked_activations_match_polar_quadrature(name, make, stated):
+    """Within the stated tolerance (the default tol) and within the proven bound.
+
+    The polar reference splits its angles at the kinks and is accurate to ~1e-12.
+    """
+    phi, dphi = make()
+    for q11, q22, rho in [(0.5, 0.5, 0.3), (2.25, 1.0, 0.9), (1.0, 3.0, -0.6),
+                          (1.5, 1.5, 1.0 - 1e-8), (0.7, 2.0, -0.999)]:
+        theta = math.acos(rho)
+        x1 = np.array([[math.sqrt(2 * q11), 0.0]])
+        x2 = np.array([[math.sqrt(2 * q22) * rho, math.sqrt(2 * q22) * math.sin(theta)]])
+        got = lk.kernel(f"dense, {name}, dense", x1, x2)
+        q12 = float(x1[0] @ x2[0]) / 2
+        layer = A.REGISTRY[name]()
+        bound = layer.error_bound(np.array([q11, q22]))
+        e11, d11 = layer.diag(np.array([q11]))
+        e22, d22 = layer.diag(np.array([q22]))
+        k_ref = naive.expect(phi, phi, q11, q22, theta)
+        d_ref = naive.expect(dphi, dphi, q11, q22, theta)
+        k_err = abs(got["nngp"][0, 0] - k_ref) / math.sqrt(e11[0] * e22[0])
+        d_err = abs((got["ntk"][0, 0] - got["nngp"][0, 0]) / q12 - d_ref) / math.sqrt(d11[0] * d22[0])
+        assert k_err <= bound["phi"] + 1e-11 and d_err <= bound["dphi"] + 1e-11, (k_err, d_err)
+        assert max(k_err, d_err) <= stated
+
+
+def test_truncation_warning_states_the_bound():
+    layer = A.REGISTRY["elu"](tol=1e-10)
+    with pytest.warns(A.SeriesTruncationWarning, match=r"error is at most .* \(NTK"):
+        bound = layer.error_bound(np.array([1.0, 2.0]))
+    assert bound["terms"] == 400 and 1e-10 < bound["dphi"] < 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = A.REGISTRY["tanh"]().error_bound(np.array([0.5, 2.0]))
+    assert ok["phi"] <= 1e-12 and ok["dphi"] <= 1e-12 and ok["terms"] < 400
+
+
+# ---------------------------------------------------------------- quadrature
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "silu", "elu", "softsign"])
+def test_coefficients_against_a_finer_wider_rule(name):
+    """L = 14 and the adaptive node count against 4× the nodes on [−42, 42]."""
+    layer = A.REGISTRY[name]()
+    q = np.array([0.0, 0.05, 0.7, 2.25, 6.0])
+    coef, dcoef = layer.coefficients(q, terms=400)
+    for fn, got in ((layer._fn, coef), (layer._dfn, dcoef)):
+        for rule in (A._HalfRule(1024, 400), A._HalfRule(2048, 400, width=42.0)):
+            sampled = A._sample(fn, q, rule, name)
+            ref = A._project(sampled, rule, 400)
+            worst = np.max(np.abs(got - ref) / np.sqrt(np.maximum(sampled.second, 1.0))[:, None])
+            assert worst <= 1e-14, worst
+
+
+def test_legendre_rule_to_rounding():
+    for n in (32, 128, 512):
+        x, w = A._legendre(n)
+        assert abs(w.sum() - 2.0) <= 1e-14
+        assert abs(np.dot(w, x ** 10) - 2.0 / 11.0) <= 1e-15
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "silu"])
+def test_stein_identity_links_the_two_tables(name):
+    """a'_k(q) = √(k+1) a_{k+1}(q) / √q: φ''s table agrees with φ's."""
+    q = np.array([0.3, 1.0, 2.5])
+    coef, dcoef = A.REGISTRY[name]().coefficients(q, terms=120)
+    k = np.arange(119)
+    stein = np.sqrt(k + 1) * coef[:, 1:] / np.sqrt(q)[:, None]
+    np.testing.assert_allclose(dcoef[:, :119], stein, rtol=0, atol=2e-14)
+
+
+def test_odd_and_even_parts_are_exact_zeros():
+    coef, dcoef = A.REGISTRY["tanh"]().coefficients(np.array([0.5, 2.0]))
+    assert np.all(coef[:, 0::2] == 0.0) and np.all(dcoef[:, 1::2] == 0.0)
+    assert np.all(coef[:, 1::2] != 0.0)
+    coef, _ = A.REGISTRY["silu"]().coefficients(np.array([1.0]))
+    assert np.all(coef[0, :6] != 0.0)
+
+
+# ---------------------------------------------------------------- the fused pass
+
+
+@pytest.mark.filterwarnings("ignore::limitkernel.activations.SeriesTruncationWarning")
+@pytest.mark.parametrize("name", ["tanh", "softplus"])
+def test_pass_equals_the_plain_truncated_series(name):
+    """Blocks, early stops and the ρ² form change nothing beyond rounding."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((1, 30))
+    x = np.vstack([rng.standard_normal((300, 30)),          # |ρ| ~ 0.2
+                   base + 0.3 * rng.standard_normal((100, 30)),  # ρ ~ 0.9
+                   base + 1e-6 * rng.standard_normal((5, 30))])  # ρ ~ 1
+    x = rng.permutation(x)
+    spec = f"dense(w_std=1.4, b_std=0.1), {name}, dense"
+    program = _Program(spec, x.shape[1])
+    roots = program.diagonals(x)[0]
+    coef, dcoef = program.hermite_tables(roots)[0]
+    got = lk.kernel(spec, x, x)
+    n = x.shape[0]
+    q12 = 1.96 * (x @ x.T) / x.shape[1] + 0.01
+    rho = np.clip(q12 / np.outer(roots[1], roots[1]), -1.0, 1.0)
+    series = np.zeros((n, n))
+    dseries = np.zeros((n, n))
+    for k in range(coef.shape[1] - 1, -1, -1):
+        series = series * rho + np.outer(coef[:, k], coef[:, k])
+        dseries = dseries * rho + np.outer(dcoef[:, k], dcoef[:, k])
+    scale = np.sqrt(np.outer(np.diag(series), np.diag(series)))
+    np.testing.assert_allclose(got["nngp"], series, rtol=0, atol=1e-13 * scale.max())
+    ntk = series + (1.96 * (x @ x.T) / x.shape[1] + 0.01) * dseries
+    np.testing.assert_allclose(got["ntk"], ntk, rtol=0, atol=1e-13 * np.abs(ntk).max())
+
+
+def test_depth_three_kernel_properties():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((120, 12))
+    # |x|²/d in [0.6, 1.2]: variances up to 2.7 keep tanh's series under its cap.
+    x *= np.sqrt(12 * rng.uniform(0.6, 1.2, (120, 1))) / np.linalg.norm(x, axis=1, keepdims=True)
+    x[7] = x[3]
+    spec = ("dense(w_std=1.5, b_std=0.05), tanh, dense(w_std=1.5, b_std=0.05), silu, "
+            "dense(w_std=1.5, b_std=0.05), softplus, dense(w_std=1.5, b_std=0.05)")
+    sym = lk.kernel(spec, x)
+    cross = lk.kernel(spec, x[:50], x)
+    both = lk.kernel(spec, x, x)
+    diag = lk.kernel_diag(spec, x)
+    for kind in ("nngp", "ntk"):
+        k = sym[kind]
+        top = np.abs(k).max()
+        np.testing.assert_array_equal(k, k.T)
+        np.testing.assert_array_equal(np.diag(k), diag[kind])
+        # Off the diagonal k(X) and k(X, X) differ only by rounding; on it (and
+        # for the duplicate pair 3, 7) by at most the proven bound (1e-12).
+        np.testing.assert_allclose(both[kind], k, rtol=0, atol=5e-12 * top)
+        np.testing.assert_allclose(cross[kind], k[:50], rtol=0, atol=5e-12 * top)
+        assert np.linalg.eigvalsh(k).min() >= -1e-12 * top
+
+
+def test_row_and_column_tables_share_the_term_count():
+    """x1 needs fewer terms than x2: both tables must be cut at the larger T."""
+    rng = np.random.default_rng(6)
+    x1 = 0.5 * rng.standard_normal((30, 20))
+    x2 = rng.standard_normal((25, 20))
+    x2 *= np.sqrt(20) / np.linalg.norm(x2, axis=1, keepdims=True)
+    spec = "dense(w_std=1.5, b_std=0.05), tanh, dense"
+    program = _Program(spec, 20)
+    short = program.hermite_tables(program.diagonals(x1)[0])
+    first = short[0][0].shape[1]
+    long = program.hermite_tables(program.diagonals(x2)[0])
+    assert first < long[0][0].shape[1] == short[0][0].shape[1] == program.prm[1, 1]
+    both = lk.kernel(spec, np.vstack([x1, x2]))
+    for a, b in ((x1, x2), (x2, x1)):
+        got = lk.kernel(spec, a, b)
+        block = both["ntk"][:30, 30:] if a is x1 else both["ntk"][30:, :30]
+        np.testing.assert_allclose(got["ntk"], block, rtol=0, atol=1e-14 * both["ntk"].max())
