@@ -46,7 +46,7 @@ def load_array(path, key="x"):
                 raise CLIError(f"{path} holds arrays {data.files} but none named {key!r}")
         if lower.endswith(".npy"):
             return np.load(path)
-        if lower.endswith(".csv") or lower.endswith(".txt"):
+        if lower.endswith((".csv", ".txt")):
             return _load_csv(path)
     except (ValueError, OSError) as err:
         raise CLIError(f"cannot read {path}: {err}") from None
@@ -137,6 +137,95 @@ def _cmd_demo(args):
         print(f"wrote gamma, x, nngp, ntk to {args.out}")
 
 
+def _parse_times(values):
+    """``--time`` values (each a number, ``inf`` or a comma-separated list) as floats."""
+    times = []
+    for value in values or ["inf"]:
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            try:
+                times.append(float(item))
+            except ValueError:
+                raise CLIError(f"--time: cannot read {item.strip()!r} as a number "
+                               "(use e.g. --time 10,100,1000 or --time inf)") from None
+    if not times:
+        raise CLIError("--time is empty; give e.g. --time inf or --time 10,100,1000")
+    return np.array(times)
+
+
+def _parse_modes(text):
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("ntk", "nngp")]
+    if bad or not modes:
+        raise CLIError(f"--mode must name ntk and/or nngp, got {text!r}")
+    return modes
+
+
+def load_training(path, y_columns=1):
+    """Training inputs and targets: arrays ``x`` and ``y`` of a .npz, or a table.
+
+    A .csv (or .npy) table holds the inputs followed by the targets: its last
+    ``y_columns`` columns are y, the others x.
+    """
+    if path.lower().endswith(".npz") and os.path.exists(path):
+        with np.load(path) as data:
+            if "x" not in data or "y" not in data:
+                raise CLIError(f"{path} must hold arrays x and y, but it holds {data.files}")
+        return load_array(path, "x"), load_array(path, "y")
+    table = np.asarray(load_array(path), dtype=np.float64)
+    if table.ndim != 2 or table.shape[1] <= y_columns:
+        raise CLIError(
+            f"{path}: expected a table with the inputs followed by {y_columns} target "
+            f"column(s), got shape {table.shape}; set --y-columns or use a .npz with x and y"
+        )
+    x, y = table[:, :-y_columns], table[:, -y_columns:]
+    return x, (y[:, 0] if y_columns == 1 else y)
+
+
+def _cmd_predict(args):
+    from .predict import GradientFlowEnsemble
+
+    spec = load_spec(args.arch)
+    if args.y_columns < 1:
+        raise CLIError(f"--y-columns must be at least 1, got {args.y_columns}")
+    x_train, y_train = load_training(args.train, args.y_columns)
+    x_test = load_array(args.test, "x")
+    times = _parse_times(args.time)
+    modes = _parse_modes(args.mode)
+    cov = None if args.mean_only else "var" if args.var_only else "full"
+    start = time.perf_counter()
+    ensemble = GradientFlowEnsemble(spec, x_train, y_train, learning_rate=args.lr,
+                                    diag_reg=args.diag_reg,
+                                    diag_reg_absolute=args.diag_reg_absolute)
+    result = ensemble.predict(x_test, times, get=modes, cov=cov)
+    elapsed = time.perf_counter() - start
+    arrays = {"times": times}
+    for mode, pred in result.items():
+        arrays[f"{mode}_mean"] = pred.mean
+        if cov == "full":
+            arrays[f"{mode}_cov"] = pred.cov
+        elif cov == "var":
+            arrays[f"{mode}_var"] = pred.var
+    save_npz(args.out, arrays)
+    names = ", ".join(k for k in arrays if k != "times")
+    print(f"wrote {names} and times ({len(times)} time(s) x {x_test.shape[0]} test inputs) "
+          f"to {args.out} in {elapsed:.2f} s")
+
+
+def _cmd_check(args):
+    from .predict import check_kernel
+
+    spec = load_spec(args.arch)
+    x = load_array(args.x, "x")
+    modes = _parse_modes(args.mode)
+    reports = check_kernel(spec, x, get=modes, diag_reg=args.diag_reg,
+                           diag_reg_absolute=args.diag_reg_absolute)
+    print("\n\n".join(str(reports[m]) for m in modes))
+    if not all(r.positive_definite for r in reports.values()):
+        sys.exit(1)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="limitkernel",
@@ -164,6 +253,44 @@ def build_parser():
     p.add_argument("--points", type=int, default=256, help="points on the circle")
     p.add_argument("--out", help="also write the kernels to this .npz")
     p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("predict", help="outputs of trained infinitely wide networks "
+                                       "(gradient-flow ensemble / NNGP posterior)")
+    p.add_argument("--arch", required=True, help="spec text or a file holding it")
+    p.add_argument("--train", required=True,
+                   help="training data: .npz with arrays x and y, or a .csv/.npy table "
+                        "whose last --y-columns columns are y")
+    p.add_argument("--test", required=True, help="test inputs: .npy, .npz (array x) or .csv")
+    p.add_argument("--y-columns", type=int, default=1,
+                   help="number of target columns at the end of a training table (default 1)")
+    p.add_argument("--time", action="append",
+                   help="training time(s): a number, inf, or a comma-separated list; "
+                        "repeatable (default inf)")
+    p.add_argument("--lr", type=float, default=1.0, help="learning rate η (default 1)")
+    p.add_argument("--diag-reg", type=float, default=0.0,
+                   help="diagonal regulariser, relative to the mean diagonal (default 0)")
+    p.add_argument("--diag-reg-absolute", action="store_true",
+                   help="take --diag-reg in absolute units")
+    p.add_argument("--mode", default="ntk,nngp",
+                   help="ntk (all layers trained) and/or nngp (readout only; at t = inf the "
+                        "NNGP posterior); default ntk,nngp")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--var-only", action="store_true",
+                       help="write <mode>_var (variances) instead of <mode>_cov")
+    which.add_argument("--mean-only", action="store_true", help="write only <mode>_mean")
+    p.add_argument("--out", required=True,
+                   help="output .npz: times, <mode>_mean, <mode>_cov or <mode>_var")
+    p.set_defaults(run=_cmd_predict)
+
+    p = sub.add_parser("check", help="positive definiteness and conditioning of the kernels")
+    p.add_argument("--arch", required=True, help="spec text or a file holding it")
+    p.add_argument("--x", required=True, help="inputs (n, d): .npy, .npz (array x) or .csv")
+    p.add_argument("--mode", default="ntk,nngp", help="kernels to check (default ntk,nngp)")
+    p.add_argument("--diag-reg", type=float, default=0.0,
+                   help="diagonal regulariser to include, relative to the mean diagonal")
+    p.add_argument("--diag-reg-absolute", action="store_true",
+                   help="take --diag-reg in absolute units")
+    p.set_defaults(run=_cmd_check)
     return parser
 
 
