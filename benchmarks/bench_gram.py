@@ -353,7 +353,7 @@ def build_parser():
     parser.add_argument("--repeats", type=int, default=3,
                         help="time the best of this many calls for "
                         "N <= --repeat-max-n (default %(default)s)")
-    parser.add_argument("--repeat-max-n", type=_positive_int, default=2000,
+    parser.add_argument("--repeat-max-n", type=_positive_int, default=8000,
                         help="above this N, time a single call (default %(default)s)")
     parser.add_argument("--nt-max-n", type=_positive_int, default=8000,
                         help="skip Neural Tangents above this N; it needs about "

@@ -589,8 +589,8 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
                ops, prm, h1, h2, hd1, hd2, want_ntk):
     """Fill rows r0 .. r0 + len(g) of the outputs, columns c0 .. c0 + g.shape[1].
 
-    ``g[ii, jj]`` holds x_{r0+ii} · x'_{c0+jj} (unscaled) on entry; it may be a
-    view of ``k_out``. ``s1[l], s2[l]`` are the square roots of the diagonals
+    ``g[ii, jj]`` holds x_{r0+ii} · x'_{c0+jj} (unscaled) on entry (a scratch
+    buffer, overwritten). ``s1[l], s2[l]`` are the square roots of the diagonals
     entering layer l (row l = 0 is the input layer). With ``sym`` only the
     entries with column >= row are computed. ``h1[m]`` (N, terms) and ``h2[m]``
     (terms, M) hold the Hermite coefficients of the m-th numerical layer for
@@ -598,7 +598,13 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
     """
     nb, m = g.shape
     n_layers = ops.shape[0]
-    for ii in prange(nb):
+    for step in prange(nb):
+        # With ``sym``, row lengths fall from m to m - nb; taking rows from both
+        # ends in turn gives each thread's contiguous chunk of steps equal work.
+        k = np.int64(step)
+        half = k // 2
+        paired = half if k % 2 == 0 else nb - 1 - half
+        ii = paired if sym else k
         i = r0 + ii
         start = min(max(i - c0, 0), m) if sym else 0
         n = m - start

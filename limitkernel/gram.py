@@ -281,15 +281,18 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     x1n = _normalise(x1)
     x2n = x1n if sym else _normalise(x2)
 
-    rows = max(16, min(n, _BLOCK_BYTES // (8 * m)))
-    buffer = None if dt == np.float64 else np.empty((rows, m))
+    rows = _block_rows(n, m)
+    # The GEMM of each row block lands in one C-contiguous scratch buffer, so the
+    # numba pass always sees the same array layout (one compiled specialisation)
+    # and float32 output needs no second buffer.
+    buffer = np.empty(rows * m)
     blocks = range(0, n, rows)
     if progress:
         blocks = _progress(blocks, n, rows)
     for r0 in blocks:
         r1 = min(r0 + rows, n)
         c0 = r0 if sym else 0
-        dest = k_out[r0:r1, c0:] if buffer is None else buffer[:r1 - r0, :m - c0]
+        dest = buffer[:(r1 - r0) * (m - c0)].reshape(r1 - r0, m - c0)
         np.matmul(x1[r0:r1], x2[c0:].T, out=dest)
         K.gram_block(dest, k_out, t_out, r0, c0, sym, 1.0 / x1.shape[1], x1n, x2n,
                      roots1, roots2, program.ops, program.prm, h1, h2, hd1, hd2,
@@ -321,11 +324,14 @@ def _normalise(x):
     return x / np.where(norms > 0, norms, 1.0)[:, None]
 
 
+def _block_rows(n, m):
+    """Rows per GEMM block: about _BLOCK_BYTES of float64, at least 16."""
+    return max(1, min(n, max(16, _BLOCK_BYTES // (8 * m))))
+
+
 def _check_memory(n, m, d, dt, want_ntk, memory_limit):
     count = 2 if want_ntk else 1
-    need = count * n * m * dt.itemsize + 2 * (n + m) * d * 8
-    if dt != np.float64:
-        need += _BLOCK_BYTES
+    need = count * n * m * dt.itemsize + 2 * (n + m) * d * 8 + 8 * _block_rows(n, m) * m
     limit = memory_limit if memory_limit is not None else available_memory()
     if limit is not None and need > limit:
         raise MemoryBudgetError(
