@@ -104,6 +104,9 @@ def _cmd_activations(args):
         cls = REGISTRY[name]
         params = ", ".join(f"{k}={v:g}" for k, v in cls.defaults.items()) or "-"
         print(f"{name:<14} {params:<28} {cls.method}")
+        definition = (cls.__doc__ or "").strip().splitlines()
+        if definition:
+            print(f"{'':<14} {definition[0]}")
     print("\nAny other activation: limitkernel.Numerical(fn, dfn=None) in Python.")
 
 
