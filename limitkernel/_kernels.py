@@ -38,6 +38,13 @@ OP_TRIG = 7
 OP_GAUSSIAN = 8
 OP_EXP = 9
 OP_HERMITE = 10
+# Branches and normalisation (see "branches" below); every opcode from
+# OP_SAVE on is dispatched to :func:`_branch_op`.
+OP_SAVE = 20
+OP_LOAD = 21
+OP_ADD = 22
+OP_LAYERNORM = 23
+OP_DROPOUT = 24
 
 # Below this value of 1 - ρ, the input correlation is recomputed from the
 # difference of the normalised inputs rather than from the Gram matrix entry,
@@ -581,10 +588,125 @@ def _hermite_horner(out, coef, cols, j0, j1, x, x2, first, step, count):
             out[jj] *= x[jj]
 
 
+# ---------------------------------------------------------------- branches
+#
+# A block with branches is a straight program over the entry state: SAVE copies
+# the state (q12, 1 − ρ, Θ) into a stash slot, LOAD restores it (to start the
+# next branch from the block input), ADD forms a weighted sum of the stashed
+# state and the current one. Stash slots are rows of a per-row scratch array
+# with three rows (q12, c, Θ) per slot.
+
+
+@_jit
+def _copy_state(q12, c, th, dq, dc, dt, want_ntk):
+    n = q12.shape[0]
+    for j in range(n):
+        dq[j] = q12[j]
+        dc[j] = c[j]
+    if want_ntk:
+        for j in range(n):
+            dt[j] = th[j]
+
+
+@_jit
+def _add_row(q12, c, th, aq, ac, at, s11, s22, r11, r22, t11, t22, wa2, wb2, want_ntk):
+    """State ← wa²·(stashed state) + wb²·(current state), for independent terms.
+
+    K and Θ add. With x = wa·√q_a and y = wb·√q_b the standard deviations of the
+    two terms (row input 1, column input 2) and t = √(x² + y²) that of the sum,
+    1 − ρ of the sum is, exactly,
+    [(x1 y2 − x2 y1)² / (t1 t2 + x1 x2 + y1 y2) + x1 x2 (1 − ρ_a) + y1 y2 (1 − ρ_b)] / (t1 t2)
+    (Lagrange's identity for the first term), a sum of non-negative terms.
+    """
+    n = q12.shape[0]
+    wa = math.sqrt(wa2)
+    wb = math.sqrt(wb2)
+    x1 = wa * r11
+    y1 = wb * s11
+    for j in range(n):
+        x2 = wa * r22[j]
+        y2 = wb * s22[j]
+        q12[j] = wa2 * aq[j] + wb2 * q12[j]
+        if want_ntk:
+            th[j] = wa2 * at[j] + wb2 * th[j]
+        nrm = t11 * t22[j]
+        xx = x1 * x2
+        yy = y1 * y2
+        lag = x1 * y2 - x2 * y1
+        if nrm > 0.0:
+            cn = (lag * lag / (nrm + xx + yy) + xx * ac[j] + yy * c[j]) / nrm
+        else:
+            cn = 0.0
+        c[j] = min(max(cn, 0.0), 2.0)
+
+
+@_jit
+def _layernorm_row(q12, th, s11, s22, eps, want_ntk):
+    """K ← K/√((q11 + ε)(q22 + ε)), Θ likewise; ρ (and 1 − ρ) is unchanged."""
+    n = q12.shape[0]
+    r1 = math.sqrt(s11 * s11 + eps)
+    for j in range(n):
+        den = r1 * math.sqrt(s22[j] * s22[j] + eps)
+        inv = 1.0 / den if den > 0.0 else 0.0
+        q12[j] *= inv
+        if want_ntk:
+            th[j] *= inv
+
+
+@_jit
+def _dropout_row(q12, c, th, scale, first_is_diagonal, want_ntk):
+    """Dropout, keep probability 1/scale: the variance of an input with itself
+    grows by ``scale``; entries between different inputs keep K and Θ, and
+    1 − ρ' = (1 − 1/scale) + c/scale."""
+    n = q12.shape[0]
+    keep = 1.0 / scale
+    for j in range(n):
+        c[j] = min((1.0 - keep) + keep * c[j], 2.0)
+    if first_is_diagonal and n > 0:
+        q12[0] *= scale
+        c[0] = 0.0
+        if want_ntk:
+            th[0] *= scale
+
+
+@_jit
+def _branch_op(op, q12, c, th, stash, layer, i, j0, s1, s2, p, first_is_diagonal,
+               want_ntk):
+    """Run one branch or normalisation op on a row; returns the (grown) stash.
+
+    Parameter rows: SAVE, LOAD (slot, number of slots); ADD (slot, wa², wb²,
+    layer whose entering diagonals are those of the stashed state); LAYERNORM
+    (ε); DROPOUT (1/(1 − p)).
+    """
+    n = q12.shape[0]
+    if op == OP_LAYERNORM:
+        _layernorm_row(q12, th, s1[layer, i], s2[layer, j0:j0 + n], p[0], want_ntk)
+        return stash
+    if op == OP_DROPOUT:
+        _dropout_row(q12, c, th, p[0], first_is_diagonal, want_ntk)
+        return stash
+    slot = int(p[0])
+    if op == OP_SAVE and stash.shape[1] < n:
+        stash = np.empty((3 * int(p[1]), n))
+    aq = stash[3 * slot, :n]
+    ac = stash[3 * slot + 1, :n]
+    at = stash[3 * slot + 2, :n]
+    if op == OP_SAVE:
+        _copy_state(q12, c, th, aq, ac, at, want_ntk)
+    elif op == OP_LOAD:
+        _copy_state(aq, ac, at, q12, c, th, want_ntk)
+    else:
+        row = int(p[3])
+        _add_row(q12, c, th, aq, ac, at, s1[layer, i], s2[layer, j0:j0 + n],
+                 s1[row, i], s2[row, j0:j0 + n], s1[layer + 1, i],
+                 s2[layer + 1, j0:j0 + n], p[1], p[2], want_ntk)
+    return stash
+
+
 # ---------------------------------------------------------------- the pass
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
                ops, prm, h1, h2, hd1, hd2, want_ntk):
     """Fill rows r0 .. r0 + len(g) of the outputs, columns c0 .. c0 + g.shape[1].
@@ -617,6 +739,7 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
         _init_row(q12, c, scale, i, j0, x1n, x2n, s1[0, i], s2[0, j0:j0 + n], sym)
         rho = np.empty(0)
         acc = np.empty(0)
+        stash = np.empty((0, 0))
         for layer in range(n_layers):
             op = ops[layer]
             a11 = s1[layer, i]
@@ -634,6 +757,10 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
                 continue
             if op == OP_RELU_POW:
                 _relu_pow_row(q12, c, th, a11, a22, p[0], want_ntk)
+                continue
+            if op >= OP_SAVE:
+                stash = _branch_op(op, q12, c, th, stash, layer, i, j0, s1, s2, p,
+                                   sym and j0 == i, want_ntk)
                 continue
             q11 = a11 * a11
             q22 = a22 * a22
@@ -667,7 +794,7 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, s1, s2,
                 t_out[i, j0 + jj] = th[jj]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def mirror_upper(a):
     """Copy the upper triangle of a square matrix onto its lower triangle."""
     n = a.shape[0]

@@ -14,10 +14,11 @@ import warnings
 import numpy as np
 
 from . import _kernels as K
-from .activations import Activation, Numerical
-from .spec import Dense, SpecError, as_spec
+from .activations import Activation, Identity, Numerical
+from .spec import Block, Concat, Dense, Dropout, LayerNorm, Residual, SpecError, as_spec
 
-__all__ = ["KINDS", "Kernel", "MemoryBudgetError", "kernel", "kernel_diag"]
+__all__ = ["KINDS", "GramPlan", "Kernel", "MemoryBudgetError", "kernel", "kernel_diag",
+           "prepare"]
 
 KINDS = ("nngp", "ntk")
 
@@ -101,48 +102,155 @@ def _format_bytes(n):
 # ------------------------------------------------------------ the program
 
 
+class _Op:
+    """A step of a block's program that is not a layer: SAVE, LOAD or ADD."""
+
+    def __init__(self, code, where):
+        self.code, self.where = code, where
+
+    def __str__(self):
+        return self.where
+
+
 class _Program:
     """A spec lowered to opcodes and parameter rows for the fused pass.
 
     Parameter rows: dense (σ_w², σ_b², α, β) with Θ ← α K + β + σ_w² Θ;
     activations (p0, p1, p2) from ``Activation.code``; Hermite layers (index,
-    number of terms).
+    number of terms); branches and normalisation as in
+    :func:`limitkernel._kernels._branch_op`.
+
+    Blocks are flattened: a sum of branches B1 … Bk with weights w_b becomes
+    ``SAVE in, B1, SAVE acc, LOAD in, B2, ADD acc, …``; ``self.layers`` holds one
+    entry (a layer or an :class:`_Op`) per opcode. While lowering, the program
+    tracks whether the current layer is a mean-zero Gaussian (what activations
+    and layernorm need) and whether it is independent of the block input (what
+    a sum of branches needs), and says which layer breaks either.
     """
 
     def __init__(self, spec, n_features):
-        self.layers = list(as_spec(spec))
-        if not self.layers:
+        spec = as_spec(spec)
+        if not len(spec):
             raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
-        if not isinstance(self.layers[-1], Dense):
+        last = spec.layers[-1]
+        if not isinstance(last, Dense):
             raise SpecError(
                 f"the network must end with a dense readout layer, but its last layer "
-                f"is {self.layers[-1]}; append ', dense'"
+                f"is {last}; append ', dense'"
             )
-        ops = np.zeros(len(self.layers), dtype=np.int64)
-        prm = np.zeros((len(self.layers), 4))
-        fan_in = float(n_features)
-        for index, layer in enumerate(self.layers):
+        self.layers, self._rows = [], []
+        self._slots = 0
+        self._lower(spec.layers, float(n_features), 0, "", is_last=True)
+        self.ops = np.array([row[0] for row in self._rows], dtype=np.int64)
+        self.prm = np.zeros((len(self._rows), 4))
+        for index, row in enumerate(self._rows):
+            self.prm[index, :len(row) - 1] = row[1:]
+            if row[0] in (K.OP_SAVE, K.OP_LOAD):
+                self.prm[index, 1] = self._slots
+
+    def _emit(self, layer, code, *params):
+        self.layers.append(layer)
+        self._rows.append((code,) + tuple(params))
+
+    def _lower(self, layers, fan_in, depth, path, is_last=False, gaussian=True):
+        """Append the ops of ``layers``; return (fan_in, gaussian, independent)."""
+        independent = False
+        for pos, layer in enumerate(layers):
+            where = f"{path}layer {pos + 1} ({_short(layer)})"
             if isinstance(layer, Dense):
                 w2, b2 = layer.w_std ** 2, layer.b_std ** 2
                 if layer.parameterization == "ntk":
-                    prm[index] = (w2, b2, w2, b2)
+                    self._emit(layer, K.OP_DENSE, w2, b2, w2, b2)
                 else:
-                    prm[index] = (w2, b2, fan_in, 1.0)
-                    if layer.width is None and index != len(self.layers) - 1:
+                    self._emit(layer, K.OP_DENSE, w2, b2, fan_in, 1.0)
+                    final = is_last and pos == len(layers) - 1
+                    if layer.width is None and not final:
                         raise SpecError(
-                            f"layer {index + 1} ({layer}): the standard parameterisation "
+                            f"{where}: the standard parameterisation "
                             "needs the layer's width for the NTK of the next dense layer; "
                             "add width=..."
                         )
                 fan_in = layer.width if layer.width is not None else fan_in
-                ops[index] = K.OP_DENSE
+                gaussian, independent = True, True
             elif isinstance(layer, Activation):
+                identity = isinstance(layer, Identity)
+                if gaussian is not True and not identity:
+                    raise SpecError(
+                        f"{where}: an activation needs a mean-zero Gaussian input, but "
+                        f"{_why_not_gaussian(gaussian)}; put a dense layer before it"
+                    )
                 code = layer.code()
-                ops[index] = code[0]
-                prm[index, :3] = code[1:]
+                self._emit(layer, code[0], *code[1:])
+                if not identity:
+                    gaussian, independent = False, False
+            elif isinstance(layer, LayerNorm):
+                if gaussian is not True:
+                    raise SpecError(
+                        f"{where}: layernorm needs a mean-zero Gaussian input (its limit "
+                        f"drops the feature mean), but {_why_not_gaussian(gaussian)}; "
+                        "put a dense layer before it"
+                    )
+                self._emit(layer, K.OP_LAYERNORM, layer.eps)
+            elif isinstance(layer, Dropout):
+                self._emit(layer, K.OP_DROPOUT, 1.0 / (1.0 - layer.p))
+                if gaussian is True and layer.p > 0:
+                    gaussian = "dropout"
+            elif isinstance(layer, Block):
+                fan_in, gaussian, independent = self._lower_block(
+                    layer, fan_in, depth, where, gaussian)
             else:
-                raise SpecError(f"layer {index + 1} ({layer!r}) is not supported here")
-        self.ops, self.prm = ops, prm
+                raise SpecError(f"{where}: {layer!r} is not supported here")
+        return fan_in, gaussian, independent
+
+    def _lower_block(self, block, fan_in, depth, where, gaussian):
+        slot_in, slot_acc = 2 * depth, 2 * depth + 1
+        self._slots = max(self._slots, slot_acc + 1)
+        if isinstance(block, Residual):
+            branches = [None, block.branches[0]]
+            weights = [block.alpha ** 2, block.beta ** 2]
+        elif isinstance(block, Concat):
+            branches, weights = list(block.branches), list(block.fractions())
+        else:
+            branches, weights = list(block.branches), [1.0] * len(block.branches)
+        results = []
+        self._emit(_Op(K.OP_SAVE, f"the input of {where}"), K.OP_SAVE, slot_in)
+        acc_row, acc_slot = len(self.layers) - 1, slot_in
+        for index, branch in enumerate(branches):
+            if branch is None:  # the skip connection of a residual block
+                results.append((fan_in, gaussian, False))
+                continue
+            if index > 0 and acc_slot != slot_in:
+                # Back to the block input (after a skip connection it is still current).
+                self._emit(_Op(K.OP_LOAD, f"{where}, branch {index + 1}"),
+                           K.OP_LOAD, slot_in)
+            label = f"{where}, branch {index + 1}: " if len(branches) > 1 and \
+                not isinstance(block, Residual) else f"{where}: "
+            results.append(self._lower(branch.layers, fan_in, depth + 1, label,
+                                       gaussian=gaussian))
+            if index == 0:
+                self._emit(_Op(K.OP_SAVE, f"{where}, branch 1"), K.OP_SAVE, slot_acc)
+                acc_row, acc_slot = len(self.layers) - 1, slot_acc
+                continue
+            wa2 = weights[0] if index == 1 else 1.0
+            self._emit(_Op(K.OP_ADD, f"the output of {where}"), K.OP_ADD, acc_slot,
+                       wa2, weights[index], acc_row)
+            if index < len(branches) - 1:
+                self._emit(_Op(K.OP_SAVE, f"{where}"), K.OP_SAVE, slot_acc)
+                acc_row, acc_slot = len(self.layers) - 1, slot_acc
+        if isinstance(block, Concat):
+            fan_in = sum(r[0] for r in results)
+            return fan_in, "concat", all(r[2] for r in results)
+        shared = [i + 1 for i, r in enumerate(results) if not r[2]]
+        if len(shared) > 1:
+            names = ("the skip connection and the branch" if isinstance(block, Residual)
+                     else "branches " + " and ".join(map(str, shared)))
+            raise SpecError(
+                f"{where}: {names} do not end with a dense layer of their own, so "
+                "their outputs are correlated and the kernel of their sum is not the "
+                "sum of their kernels; end every branch but one with a dense layer"
+            )
+        out_gaussian = True if all(r[1] is True for r in results) else "sum"
+        return results[0][0], out_gaussian, all(r[2] for r in results)
 
     def diagonals(self, x):
         """Square roots of the diagonals entering each layer; final K and Θ diagonals.
@@ -153,20 +261,46 @@ class _Program:
         roots = np.empty((len(self.layers) + 1, x.shape[0]))
         roots[0] = np.sqrt(q)
         theta = np.zeros_like(q)
+        # grad: ∂K(x, x')/∂K⁰(x, x') at x' = x, for the correlation slope chi.
+        grad = np.ones_like(q)
+        stash = {}
         for index, layer in enumerate(self.layers):
+            code = self.ops[index]
             w2, b2, alpha, beta = self.prm[index]
             if isinstance(layer, Dense):
                 theta = alpha * q + beta + w2 * theta
                 q = w2 * q + b2
+                grad = w2 * grad
+            elif code == K.OP_SAVE:
+                stash[int(w2)] = (q, theta, grad)
+            elif code == K.OP_LOAD:
+                q, theta, grad = stash[int(w2)]
+            elif code == K.OP_ADD:
+                aq, at, ag = stash[int(w2)]
+                q, theta = b2 * aq + alpha * q, b2 * at + alpha * theta
+                grad = b2 * ag + alpha * grad
+            elif code == K.OP_LAYERNORM:
+                den = q + w2
+                inv = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0)
+                q, theta, grad = q * inv, theta * inv, grad * inv
+            elif code == K.OP_DROPOUT:
+                q, theta = q * w2, theta * w2
             else:
                 q, kd = layer.diag(q)
                 theta = theta * kd
+                grad = grad * kd
             if not np.all(np.isfinite(q)) or not np.all(np.isfinite(theta)):
                 raise FloatingPointError(
                     f"the kernel overflows at layer {index + 1} ({layer}): variances reach "
                     f"{float(np.max(q)):.3g}; lower w_std, b_std or the input scale"
                 )
             roots[index + 1] = np.sqrt(q)
+        with np.errstate(all="ignore"):
+            slope = grad * roots[0] ** 2 / q
+        slope = slope[np.isfinite(slope) & (q > 0)]
+        # The network's correlation slope dρ_out/dρ_in at ρ = 1 (the mean-field χ
+        # of the whole stack): < 1 ordered, > 1 chaotic.
+        self.chi = float(np.median(slope)) if slope.size else None
         return roots, q, theta
 
     def hermite_tables(self, roots):
@@ -198,6 +332,23 @@ class _Program:
         return tables
 
 
+def _short(layer):
+    """A layer's text, cut short for messages about blocks."""
+    text = str(layer)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _why_not_gaussian(state):
+    return {
+        False: "its input is the output of an activation",
+        "dropout": "its input has gone through dropout (each unit is a mixture)",
+        "concat": "its input is a concatenation (its units have different "
+                  "covariances)",
+        "sum": "its input is a sum with a non-Gaussian term (a skip connection "
+               "or branch that does not end with a dense layer)",
+    }.get(state, "its input is not Gaussian")
+
+
 def _stack_tables(tables, n, transpose):
     terms = max([t[0].shape[1] for t in tables], default=1)
     shape = (max(len(tables), 1),) + ((terms, n) if transpose else (n, terms))
@@ -213,6 +364,142 @@ def _stack_tables(tables, n, transpose):
 
 
 # ------------------------------------------------------------ public API
+
+
+class _Side:
+    """What the fused pass needs of the rows (or the columns) of a Gram matrix.
+
+    ``x`` the inputs, ``xn`` the inputs scaled to unit norm, ``roots`` (L + 1, n)
+    the square roots of the diagonals entering each layer, ``h``, ``hd`` the
+    Hermite tables of the numerical layers: (T, n, terms) for rows, (T, terms, n)
+    for columns (``axis`` is the axis of ``h`` that runs over inputs).
+    """
+
+    def __init__(self, x, xn, roots, h, hd, axis):
+        self.x, self.xn, self.roots, self.h, self.hd, self.axis = x, xn, roots, h, hd, axis
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def part(self, a, b):
+        """Inputs a .. b - 1, as C-contiguous copies (one compiled layout)."""
+        if a == 0 and b == len(self):
+            return self
+        cut = (slice(None),) * self.axis + (slice(a, b),)
+        return _Side(self.x[a:b], self.xn[a:b], np.ascontiguousarray(self.roots[:, a:b]),
+                     np.ascontiguousarray(self.h[cut]), np.ascontiguousarray(self.hd[cut]),
+                     self.axis)
+
+
+class GramPlan:
+    """Everything a tile of the Gram matrices needs, computed once per input set.
+
+    Built by :func:`prepare`. A plan holds the validated inputs, their unit-norm
+    copies, the per-layer diagonals and the Hermite tables of numerical layers;
+    any tile (rows r0:r1, columns c0:c1) then costs one GEMM and one fused pass,
+    and tiles are independent. The plan is picklable (it holds arrays and the
+    lowered program only), so the same tile function serves the in-process loop
+    of :func:`kernel`, the out-of-core writer and Dask workers
+    (:mod:`limitkernel.distributed`).
+
+    Attributes
+    ----------
+    shape : (int, int)
+        (n1, n2) of the Gram matrices.
+    symmetric : bool
+        ``x2`` was ``None``: the matrices are symmetric.
+    kinds : tuple of str
+        The kernels computed ("nngp", "ntk").
+    dtype : numpy.dtype
+        Output dtype.
+    nngp_diag, ntk_diag : (n1,) arrays
+        K(x, x) and Θ(x, x) of the row inputs.
+    """
+
+    def __init__(self, spec, x1, x2, kinds, dtype):
+        program = _Program(spec, x1.shape[1])
+        self.kinds, self.dtype = kinds, dtype
+        self.symmetric = x2 is None
+        self.want_ntk = "ntk" in kinds
+        self.n_features = x1.shape[1]
+        self.scale = 1.0 / x1.shape[1]
+        roots1, self.nngp_diag, self.ntk_diag = program.diagonals(x1)
+        roots2 = roots1 if self.symmetric else program.diagonals(x2)[0]
+        tables1 = program.hermite_tables(roots1)
+        tables2 = tables1 if self.symmetric else program.hermite_tables(roots2)
+        x1n = _normalise(x1)
+        x2n = x1n if self.symmetric else _normalise(x2)
+        self.rows = _Side(x1, x1n, roots1, *_stack_tables(tables1, len(x1), False), 1)
+        x2 = x1 if self.symmetric else x2
+        self.cols = _Side(x2, x2n, roots2, *_stack_tables(tables2, len(x2), True), 2)
+        self.ops, self.prm = program.ops, program.prm
+        self.chi = getattr(program, "chi", None)
+        self.shape = (len(x1), len(x2))
+
+    def block(self, rows, cols, r0, r1, c0, c1, buffer, k_out, t_out, sym):
+        """Rows r0:r1, columns c0:c1 of ``rows`` × ``cols`` into the outputs.
+
+        Indices are relative to the two sides (:meth:`_Side.part`) and the
+        outputs are indexed the same way; ``buffer`` is float64 scratch with at
+        least (r1 - r0)(c1 - c0) entries. With ``sym`` only entries with
+        column >= row are written.
+        """
+        dest = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+        np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=dest)
+        K.gram_block(dest, k_out, t_out, r0, c0, sym, self.scale, rows.xn, cols.xn,
+                     rows.roots, cols.roots, self.ops, self.prm, rows.h, cols.h,
+                     rows.hd, cols.hd, self.want_ntk)
+
+    def tile(self, r0, r1, c0, c1):
+        """The Gram matrices on rows r0:r1 and columns c0:c1.
+
+        Returns ``{kind: (r1 - r0, c1 - c0) array}`` for the kinds of the plan.
+        In the symmetric case a square tile on the diagonal computes its upper
+        triangle and mirrors it; entries on the matrix diagonal are always the
+        exact diagonals, as in :func:`kernel`.
+        """
+        n, m = self.shape
+        if not (0 <= r0 < r1 <= n and 0 <= c0 < c1 <= m):
+            raise ValueError(f"tile rows {r0}:{r1}, columns {c0}:{c1} are not inside the "
+                             f"{n} x {m} Gram matrix")
+        nr, nc = r1 - r0, c1 - c0
+        on_diag = self.symmetric and (r0, r1) == (c0, c1)
+        k_out = np.empty((nr, nc), dtype=self.dtype)
+        t_out = np.empty((nr, nc) if self.want_ntk else (1, 1), dtype=self.dtype)
+        self.block(self.rows.part(r0, r1), self.cols.part(c0, c1), 0, nr, 0, nc,
+                   np.empty(nr * nc), k_out, t_out, on_diag)
+        outs = {"nngp": (k_out, self.nngp_diag), "ntk": (t_out, self.ntk_diag)}
+        result = {}
+        for kind in self.kinds:
+            out, diag = outs[kind]
+            if on_diag:
+                K.mirror_upper(out)
+            if self.symmetric:
+                lo, hi = max(r0, c0), min(r1, c1)
+                idx = np.arange(lo, hi)
+                out[idx - r0, idx - c0] = diag[lo:hi]
+            result[kind] = out
+        return result
+
+
+def prepare(spec, x1, x2=None, get=KINDS, dtype="float64"):
+    """Validate inputs and build the :class:`GramPlan` that computes any tile.
+
+    Parameters are those of :func:`kernel`. The work is O((n1 + n2)·d): the
+    diagonals of every layer, unit-norm copies of the inputs and, for numerical
+    activations, their Hermite tables.
+    """
+    kinds = _check_get(get)
+    dt = _check_dtype(dtype)
+    x1 = check_inputs(x1, "x1")
+    if x2 is not None:
+        x2 = check_inputs(x2, "x2")
+        if x2.shape[1] != x1.shape[1]:
+            raise ValueError(
+                f"x1 and x2 must have the same number of features, got {x1.shape[1]} "
+                f"and {x2.shape[1]}"
+            )
+    return GramPlan(spec, x1, x2, kinds, dt)
 
 
 def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
@@ -254,33 +541,13 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
 
     per activation K ← E[φ(u)φ(v)], Θ ← Θ · E[φ'(u)φ'(v)] (Jacot et al. 2018).
     """
-    kinds = _check_get(get)
-    dt = _check_dtype(dtype)
-    x1 = check_inputs(x1, "x1")
-    sym = x2 is None
-    x2 = x1 if sym else check_inputs(x2, "x2")
-    if x2.shape[1] != x1.shape[1]:
-        raise ValueError(
-            f"x1 and x2 must have the same number of features, got {x1.shape[1]} "
-            f"and {x2.shape[1]}"
-        )
-    program = _Program(spec, x1.shape[1])
-    n, m = x1.shape[0], x2.shape[0]
-    want_ntk = "ntk" in kinds
-    _check_memory(n, m, x1.shape[1], dt, want_ntk, memory_limit)
-
-    roots1, nngp_diag, ntk_diag = program.diagonals(x1)
-    roots2 = roots1 if sym else program.diagonals(x2)[0]
-    tables1 = program.hermite_tables(roots1)
-    tables2 = tables1 if sym else program.hermite_tables(roots2)
-    h1, hd1 = _stack_tables(tables1, n, transpose=False)
-    h2, hd2 = _stack_tables(tables2, m, transpose=True)
+    plan = prepare(spec, x1, x2, get, dtype)
+    sym, dt = plan.symmetric, plan.dtype
+    n, m = plan.shape
+    _check_memory(n, m, plan.n_features, dt, plan.want_ntk, memory_limit)
 
     k_out = np.empty((n, m), dtype=dt)
-    t_out = np.empty((n, m), dtype=dt) if want_ntk else np.empty((1, 1), dtype=dt)
-    x1n = _normalise(x1)
-    x2n = x1n if sym else _normalise(x2)
-
+    t_out = np.empty((n, m), dtype=dt) if plan.want_ntk else np.empty((1, 1), dtype=dt)
     rows = _block_rows(n, m)
     # The GEMM of each row block lands in one C-contiguous scratch buffer, so the
     # numba pass always sees the same array layout (one compiled specialisation)
@@ -291,22 +558,18 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         blocks = _progress(blocks, n, rows)
     for r0 in blocks:
         r1 = min(r0 + rows, n)
-        c0 = r0 if sym else 0
-        dest = buffer[:(r1 - r0) * (m - c0)].reshape(r1 - r0, m - c0)
-        np.matmul(x1[r0:r1], x2[c0:].T, out=dest)
-        K.gram_block(dest, k_out, t_out, r0, c0, sym, 1.0 / x1.shape[1], x1n, x2n,
-                     roots1, roots2, program.ops, program.prm, h1, h2, hd1, hd2,
-                     want_ntk)
+        plan.block(plan.rows, plan.cols, r0, r1, r0 if sym else 0, m, buffer,
+                   k_out, t_out, sym)
     if sym:
         K.mirror_upper(k_out)
-        np.fill_diagonal(k_out, nngp_diag)
-        if want_ntk:
+        np.fill_diagonal(k_out, plan.nngp_diag)
+        if plan.want_ntk:
             K.mirror_upper(t_out)
-            np.fill_diagonal(t_out, ntk_diag)
+            np.fill_diagonal(t_out, plan.ntk_diag)
     out = {"nngp": k_out, "ntk": t_out}
-    result = {kind: out[kind] for kind in kinds}
+    result = {kind: out[kind] for kind in plan.kinds}
     for kind, value in result.items():
-        _warn_if_degenerate(kind, value)
+        _warn_if_degenerate(kind, value, plan.chi)
     return result
 
 
@@ -352,16 +615,45 @@ def _progress(blocks, n, rows):
     return tqdm(blocks, total=math.ceil(n / rows), unit="block", desc="gram")
 
 
-def _warn_if_degenerate(kind, value):
+def _warn_if_degenerate(kind, value, chi=None):
+    """Warn when a kernel cannot tell its inputs apart, and say why.
+
+    ``chi`` is the network's correlation slope at ρ = 1 (:attr:`_Program.chi`):
+    below 1 the layers pull all inputs together (ordered phase, ρ → 1), above 1
+    they push every pair to one common correlation (chaotic phase).
+    """
     sample = np.asarray(value[: min(64, value.shape[0])], dtype=np.float64)
-    if sample.size < 2:
+    if sample.size < 2 or value.shape == (1, 1):
         return
     top = np.max(np.abs(sample))
-    if top > 0 and np.ptp(sample) <= 1e-13 * top and value.shape != (1, 1):
+    if top == 0:
+        return
+    slope = "" if chi is None or not np.isfinite(chi) else f", χ = {chi:.3g}"
+    if np.ptp(sample) <= 1e-13 * top:
+        why = ("the ordered phase: every layer pulls the inputs' correlations towards "
+               f"1{slope} < 1, so all inputs end at the same point; lower the depth or "
+               "b_std, or raise w_std" if chi is None or chi < 1 else
+               "the inputs look identical to the network, or it is so deep that its "
+               "correlations reach 1; lower the depth")
         warnings.warn(
-            f"the {kind} kernel is degenerate: all its entries equal {float(sample.flat[0]):.6g} "
-            "to working precision, so it cannot tell inputs apart (typically a deep "
-            "network in the ordered phase; lower the depth or b_std, or raise w_std)",
+            f"the {kind} kernel is degenerate: all its entries equal "
+            f"{float(sample.flat[0]):.6g} to working precision, so it cannot tell inputs "
+            f"apart ({why})",
+            DegenerateKernelWarning, stacklevel=3,
+        )
+        return
+    size = min(sample.shape)
+    if chi is None or chi <= 10 or size < 3:
+        return
+    square = sample[:size, :size]
+    off = square[~np.eye(size, dtype=bool)]
+    if np.ptp(off) <= 1e-13 * top:
+        warnings.warn(
+            f"the {kind} kernel is degenerate: every pair of distinct inputs has the same "
+            f"entry {float(off[0]):.6g} to working precision, so it cannot tell inputs "
+            f"apart (the chaotic phase: every layer pushes the correlations of nearby "
+            f"inputs apart{slope} > 1, until all pairs share one correlation; lower the "
+            "depth or w_std, or raise b_std)",
             DegenerateKernelWarning, stacklevel=3,
         )
 

@@ -10,6 +10,15 @@ The text form reads like the network::
 
 ``N * [ ... ]`` repeats a group, ``dense`` without arguments means
 ``w_std=1, b_std=0``, and ``str(spec)`` parses back to an equal spec.
+
+Blocks hold branches in square brackets, separated by ``;``::
+
+    dense, 20 * [residual(beta=0.5)[relu, dense]], layernorm, dropout(p=0.1), dense
+    dense, parallel[relu, dense; erf, dense], relu, dense
+    dense, concat(widths=1:3)[relu, dense; erf, dense], dense
+
+``residual(alpha, beta)[f]`` is ``α·x + β·f(x)``, ``parallel[f; g]`` the sum
+``f(x) + g(x)`` and ``concat[f; g]`` the concatenation of the branch outputs.
 """
 
 import difflib
@@ -18,8 +27,14 @@ import math
 from typing import ClassVar
 
 __all__ = [
+    "Block",
+    "Concat",
     "Dense",
+    "Dropout",
     "Layer",
+    "LayerNorm",
+    "Parallel",
+    "Residual",
     "Serial",
     "SpecError",
     "as_spec",
@@ -139,6 +154,176 @@ class Dense(Layer):
             raise SpecError(f"dense: width must be a positive integer, got {self.width}")
 
 
+class LayerNorm(Layer):
+    """Normalisation over the features: ``(z - mean(z)) / √(var(z) + eps)``.
+
+    In the limit the feature mean of a zero-mean Gaussian layer vanishes and its
+    variance is the diagonal K(x, x), so K(x, x') ← K(x, x')/√((q11 + ε)(q22 + ε))
+    and Θ likewise (Neural Tangents' ``LayerNorm(eps=1e-12)`` on a fully-connected
+    layer). Its input must be a mean-zero Gaussian layer (after a dense layer).
+    """
+
+    name = "layernorm"
+    defaults: ClassVar[dict] = {"eps": 1e-12}
+
+    def __init__(self, eps=1e-12):
+        super().__init__(eps=eps)
+        if self.eps < 0:
+            raise SpecError(f"layernorm: eps must be >= 0, got {self.eps}")
+
+
+class Dropout(Layer):
+    """Dropout in training mode: each unit is zeroed with probability ``p`` and the
+    others scaled by 1/(1 - p), independently for every input.
+
+    In the limit only the variance of an input with itself changes:
+    K(x, x) ← K(x, x)/(1 - p), and likewise Θ(x, x); entries between different
+    inputs are unchanged. Neural Tangents' ``Dropout(rate=1 - p, mode="train")``
+    (its ``rate`` is the keep rate). As there, only the kernel of an input set
+    with itself (``x2=None``) has its diagonal scaled: two input sets are
+    different examples, so their masks are independent.
+    """
+
+    name = "dropout"
+    defaults: ClassVar[dict] = {"p": 0.5}
+
+    def __init__(self, p=0.5):
+        super().__init__(p=p)
+        if not 0.0 <= self.p < 1.0:
+            raise SpecError(f"dropout: p is the probability to drop a unit and must be "
+                            f"in [0, 1), got {self.p}")
+
+
+class Block(Layer):
+    """A layer made of branches, each a :class:`Serial` applied to the block input."""
+
+    n_branches = None  # exact number of branches, or None for two or more
+
+    def __init__(self, branches, **params):
+        super().__init__(**params)
+        branches = [as_spec(b) for b in branches]
+        if self.n_branches is not None and len(branches) != self.n_branches:
+            raise SpecError(
+                f"{self.name} takes {self.n_branches} branch, got {len(branches)}; "
+                "for a sum of several branches use parallel[...; ...]"
+            )
+        if self.n_branches is None and len(branches) < 2:
+            raise SpecError(
+                f"{self.name} needs at least two branches separated by ';', got "
+                f"{len(branches)}; for x + f(x) use residual[...]"
+            )
+        for index, branch in enumerate(branches):
+            if not len(branch):
+                raise SpecError(f"{self.name}: branch {index + 1} is empty; write "
+                                "'identity' for a branch that passes its input on")
+        self.branches = tuple(branches)
+
+    def __eq__(self, other):
+        return super().__eq__(other) and self.branches == other.branches
+
+    def __hash__(self):
+        return hash((super().__hash__(), self.branches))
+
+    def __str__(self):
+        return f"{super().__str__()}[{'; '.join(str(b) for b in self.branches)}]"
+
+    def __repr__(self):
+        return f"parse({str(self)!r}).layers[0]"
+
+    def to_dict(self):
+        return {**super().to_dict(),
+                "branches": [b.to_dict()["layers"] for b in self.branches]}
+
+
+class Residual(Block):
+    """``α·x + β·f(x)`` for a branch f (a skip connection).
+
+    The branch must end with a dense layer of its own (optionally followed by
+    layernorm or dropout), so that f(x) is independent of x in the limit; then
+    K ← α² K + β² K_f and Θ ← α² Θ + β² Θ_f, the cross terms having mean zero.
+    """
+
+    name = "residual"
+    defaults: ClassVar[dict] = {"alpha": 1.0, "beta": 1.0}
+    n_branches = 1
+
+    def __init__(self, branch, alpha=1.0, beta=1.0):
+        super().__init__([branch], alpha=alpha, beta=beta)
+
+
+class Parallel(Block):
+    """The sum of two or more branches applied to the same input (fan-out, sum).
+
+    All branches but at most one must end with a dense layer of their own, so
+    that the branch outputs are independent and the kernels add (Neural
+    Tangents' ``serial(FanOut(k), parallel(...), FanInSum())``).
+    """
+
+    name = "parallel"
+    defaults: ClassVar[dict] = {}
+
+    def __init__(self, *branches):
+        super().__init__(branches)
+
+
+class Concat(Block):
+    """The concatenation of two or more branches along the features.
+
+    A layer that reads the concatenation sees the average of the branch kernels
+    weighted by the branches' shares of the width, ``widths`` (relative sizes,
+    default equal): K ← Σ_b w_b K_b / Σ_b w_b, and Θ likewise, as Neural
+    Tangents' ``FanInConcat`` does with the branches' channel counts. The units
+    of different branches have different covariances, so what follows must be a
+    dense layer (or layers that keep it linear: identity, dropout).
+    """
+
+    name = "concat"
+    defaults: ClassVar[dict] = {"widths": None}
+
+    def __init__(self, *branches, widths=None):
+        super().__init__(branches, widths=widths)
+        if self.widths is not None and len(self.widths) != len(self.branches):
+            raise SpecError(
+                f"concat: widths gives {len(self.widths)} values for "
+                f"{len(self.branches)} branches; give one per branch, e.g. "
+                f"widths={':'.join(['1'] * len(self.branches))}"
+            )
+
+    def _check(self, key, value):
+        if key != "widths" or value is None:
+            return super()._check(key, value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = (value,)
+        try:
+            values = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise SpecError(f"concat: widths must be numbers, one per branch, "
+                            f"got {value!r}") from None
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise SpecError(f"concat: widths must be positive, got {value!r}")
+        return values
+
+    def fractions(self):
+        """Each branch's share of the concatenated width."""
+        widths = self.widths or (1.0,) * len(self.branches)
+        total = math.fsum(widths)
+        return tuple(w / total for w in widths)
+
+
+BLOCKS = {cls.name: cls for cls in (Residual, Parallel, Concat)}
+OTHER_LAYERS = {cls.name: cls for cls in (Dense, LayerNorm, Dropout)}
+
+
+def _make_block(name, branches, params):
+    cls = BLOCKS[name]
+    if cls is Residual:
+        if len(branches) != 1:
+            raise SpecError(f"residual takes one branch, got {len(branches)}; for a "
+                            "sum of several branches use parallel[...; ...]")
+        return Residual(branches[0], **params)
+    return cls(*branches, **params)
+
+
 class Serial:
     """A network: layers applied in order. Nested serials are flattened."""
 
@@ -219,18 +404,29 @@ def as_spec(spec):
     )
 
 
-def layer_from_name(name, params, where=""):
-    """Build the layer called ``name`` with keyword ``params``."""
+def layer_from_name(name, params, where="", branches=None):
+    """Build the layer called ``name`` with keyword ``params`` (and ``branches``,
+    a list of specs, for the blocks residual, parallel and concat)."""
     from .activations import REGISTRY
 
-    cls = Dense if name == Dense.name else REGISTRY.get(name)
+    cls = OTHER_LAYERS.get(name) or BLOCKS.get(name) or REGISTRY.get(name)
     if cls is not None:
         unknown = sorted(set(params) - set(cls.defaults))
         if unknown:
             raise SpecError(f"{name}: unknown parameter {unknown[0]!r}{where}; "
                             f"it takes {_describe_params(cls.defaults)}")
+        if name in BLOCKS:
+            if branches is None:
+                raise SpecError(f"{name}{where} needs its branches in brackets, e.g. "
+                                f"'{name}[dense, relu, dense]'"
+                                + ("" if name == "residual" else
+                                   f" or '{name}[relu, dense; erf, dense]'"))
+            return _make_block(name, branches, params)
+        if branches is not None:
+            raise SpecError(f"{name}{where} takes no branches; only "
+                            f"{', '.join(sorted(BLOCKS))} do")
         return cls(**params)
-    known = [Dense.name] + sorted(REGISTRY)
+    known = sorted(OTHER_LAYERS) + sorted(BLOCKS) + sorted(REGISTRY)
     ranked = sorted(known, key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio())
     raise SpecError(
         f"unknown layer {name!r}{where}; known, closest first: {', '.join(ranked)}"
@@ -243,6 +439,8 @@ def layer_from_name(name, params, where=""):
 def _format_value(value):
     if isinstance(value, str):
         return value
+    if isinstance(value, tuple):
+        return ":".join(_format_value(v) for v in value)
     if value == int(value) and abs(value) < 1e15:
         return str(int(value))
     return repr(float(value))
@@ -326,12 +524,15 @@ class _Parser:
             self.fail("a number")
 
     def spec(self, closing=""):
+        """Layers up to (not including) one of the characters in ``closing``."""
         items = list(self.element())
         while self.peek() == ",":
             self.pos += 1
             items.extend(self.element())
-        if self.peek() != closing:
-            self.fail("',' or " + (repr(closing) if closing else "end of spec"))
+        char = self.peek()
+        if (char not in closing or not char) if closing else char:
+            self.fail("',' or " + (" or ".join(repr(c) for c in closing)
+                                   if closing else "end of spec"))
         return items
 
     def element(self):
@@ -378,13 +579,30 @@ class _Parser:
                     params[key] = float(value) if is_number else value
                 else:
                     params[key] = self.number()
+                    if self.peek() == ":":
+                        values = [params[key]]
+                        while self.peek() == ":":
+                            self.pos += 1
+                            values.append(self.number())
+                        params[key] = tuple(values)
                 if self.peek() == ",":
                     self.pos += 1
                 elif self.peek() != ")":
                     self.fail("',' or ')' after a parameter")
             self.pos += 1
+        branches = None
+        if self.peek() == "[":
+            if name not in BLOCKS:
+                self.fail(f"',' after {name!r} ('[' follows only "
+                          f"{', '.join(sorted(BLOCKS))})")
+            self.pos += 1
+            branches = [Serial(self.spec("];"))]
+            while self.peek() == ";":
+                self.pos += 1
+                branches.append(Serial(self.spec("];")))
+            self.pos += 1
         try:
-            return [layer_from_name(name, params, f" at character {start + 1}")]
+            return [layer_from_name(name, params, f" at character {start + 1}", branches)]
         except SpecError as err:
             if "at character" in str(err):
                 raise
@@ -418,8 +636,15 @@ def from_dict(data):
     for index, entry in enumerate(data["layers"]):
         if not isinstance(entry, dict) or "layer" not in entry:
             raise SpecError(f'JSON spec layer {index}: expected {{"layer": NAME, ...}}, got {entry!r}')
-        params = {k: v for k, v in entry.items() if k != "layer"}
-        layers.append(layer_from_name(entry["layer"], params, f" (JSON layer {index})"))
+        params = {k: v for k, v in entry.items() if k not in ("layer", "branches")}
+        branches = entry.get("branches")
+        if branches is not None:
+            if not isinstance(branches, list) or not all(isinstance(b, list) for b in branches):
+                raise SpecError(f"JSON spec layer {index}: 'branches' must be a list of "
+                                f"layer lists, got {branches!r}")
+            branches = [from_dict({"layers": b}) for b in branches]
+        layers.append(layer_from_name(entry["layer"], params, f" (JSON layer {index})",
+                                      branches))
     return Serial(layers)
 
 
