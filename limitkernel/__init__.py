@@ -2,6 +2,16 @@
 
 from .activations import REGISTRY as ACTIVATIONS
 from .activations import Numerical, get_activation
+from .distributed import CGSolution, StoreError, kernel_to_store, open_store, solve_cg
+from .distributed import status as store_status
+from .experiments import (
+    Comparison,
+    InitSweep,
+    compare,
+    jacot_demo,
+    ntk_distance_at_init,
+)
+from .finite import FiniteNetwork, TrainingHistory
 from .gram import Kernel, MemoryBudgetError, kernel, kernel_diag
 from .predict import (
     CrossEntropyFlow,
@@ -14,34 +24,68 @@ from .predict import (
     nngp_posterior,
     predict_ensemble,
 )
-from .spec import Dense, Serial, SpecError, mlp, parse, serial
+from .spec import (
+    Concat,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Parallel,
+    Residual,
+    Serial,
+    SpecError,
+    mlp,
+    parse,
+    serial,
+)
+from .torch_interop import empirical_ntk_torch, from_torch, to_torch
 
 __all__ = [
     "ACTIVATIONS",
+    "CGSolution",
+    "Comparison",
+    "Concat",
     "CrossEntropyFlow",
     "Dense",
+    "Dropout",
+    "FiniteNetwork",
     "GradientFlowEnsemble",
+    "InitSweep",
     "Kernel",
     "KernelReport",
+    "LayerNorm",
     "MemoryBudgetError",
     "NNGPRegressor",
     "NTKClassifier",
     "NTKRegressor",
     "NotPositiveDefiniteError",
     "Numerical",
+    "Parallel",
     "Prediction",
+    "Residual",
     "Serial",
     "SpecError",
+    "StoreError",
+    "TrainingHistory",
     "check_kernel",
+    "compare",
     "cross_entropy_flow",
+    "empirical_ntk_torch",
+    "from_torch",
     "get_activation",
+    "jacot_demo",
     "kernel",
     "kernel_diag",
+    "kernel_to_store",
     "mlp",
     "nngp_posterior",
+    "ntk_distance_at_init",
+    "open_store",
     "parse",
     "predict_ensemble",
     "serial",
+    "solve_cg",
+    "store_status",
+    "to_torch",
 ]
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: ``limitkernel kernel | activations | demo``.
+"""Command line: ``limitkernel kernel | activations | demo | compare | predict | check``.
 
 Errors print one line on stderr and exit with status 2; outputs are written to a
 temporary file and renamed into place, so a failed run leaves nothing behind.
@@ -12,11 +12,10 @@ import time
 
 import numpy as np
 
-from .spec import SpecError, as_spec, parse
+from .experiments import DEMO_SCALES, DEMO_SPEC
+from .spec import SpecError, parse
 
 __all__ = ["main"]
-
-DEMO_SPEC = "4 * [dense(w_std=1, b_std=0.1), relu], dense(w_std=1, b_std=0.1)"
 
 
 class CLIError(Exception):
@@ -84,16 +83,47 @@ def save_npz(path, arrays):
 def _cmd_kernel(args):
     from .gram import kernel
 
+    if args.status:
+        from .distributed import status
+
+        print(status(args.status))
+        return
+    missing = [flag for flag, value in (("--arch", args.arch), ("--x", args.x),
+                                        ("--out", args.out)) if not value]
+    if missing:
+        raise CLIError(f"kernel needs {', '.join(missing)} (or --status DIR to report on "
+                       "a store)")
     spec = load_spec(args.arch)
     x1 = load_array(args.x)
     x2 = load_array(args.x2) if args.x2 else None
     get = tuple(k.strip() for k in args.get.split(",") if k.strip())
+    if not args.out.lower().endswith(".npz"):
+        _kernel_to_store(args, spec, x1, x2, get)
+        return
+    if args.memory or args.scheduler:
+        raise CLIError("--memory and --scheduler write an on-disk store: give a directory "
+                       f"for --out, not {args.out}")
     start = time.perf_counter()
     out = kernel(spec, x1, x2, get=get, dtype=args.dtype, progress=args.progress)
     elapsed = time.perf_counter() - start
     save_npz(args.out, out)
     shape = "x".join(str(s) for s in next(iter(out.values())).shape)
     print(f"wrote {', '.join(out)} ({shape}, {args.dtype}) to {args.out} in {elapsed:.2f} s")
+
+
+def _kernel_to_store(args, spec, x1, x2, get):
+    from .distributed import kernel_to_store, status
+
+    start = time.perf_counter()
+    kernel_to_store(spec, x1, x2, path=args.out, get=get, dtype=args.dtype,
+                    memory=args.memory, scheduler=args.scheduler,
+                    progress=True if args.progress else None)
+    elapsed = time.perf_counter() - start
+    state = status(args.out)
+    n, m = state.shape
+    print(f"wrote {', '.join(state.kinds)} ({n}x{m}, {state.dtype}) to the store {args.out} "
+          f"in {elapsed:.2f} s ({state.total} tiles of edge {state.tile}); open it with "
+          "limitkernel.open_store or np.load(..., mmap_mode='r')")
 
 
 def _cmd_activations(args):
@@ -110,34 +140,50 @@ def _cmd_activations(args):
     print("\nAny other activation: limitkernel.Numerical(fn, dfn=None) in Python.")
 
 
-def circle_inputs(n):
-    """n points x = (cos γ, sin γ) on the unit circle, γ in [0, 2π)."""
-    gamma = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
-    return gamma, np.stack([np.cos(gamma), np.sin(gamma)], axis=1)
-
-
 def _cmd_demo(args):
-    from .gram import kernel
+    from .experiments import circle, run_demo
 
-    spec = as_spec(args.arch) if args.arch else parse(DEMO_SPEC)
-    gamma, x = circle_inputs(args.points)
-    start = time.perf_counter()
-    out = kernel(spec, x)
-    elapsed = time.perf_counter() - start
-    nngp, ntk = out["nngp"], out["ntk"]
-    print(f"limitkernel demo: {spec}")
-    print(f"inputs: {args.points} points on the unit circle x = (cos γ, sin γ) "
-          "(Jacot et al. 2018, Figure 1)")
-    print(f"computed NNGP and NTK ({args.points}x{args.points}) in {elapsed:.3f} s\n")
-    print(f"{'γ / π':>8} {'K(x0, x)':>14} {'Θ(x0, x)':>14}")
-    for index in np.linspace(0, args.points // 2, 9).astype(int):
-        print(f"{gamma[index] / np.pi:8.3f} {nngp[0, index]:14.8f} {ntk[0, index]:14.8f}")
-    eig = np.linalg.eigvalsh(ntk)
-    print(f"\nNTK eigenvalues: smallest {eig[0]:.3e}, largest {eig[-1]:.3e}, "
-          f"condition number {eig[-1] / max(eig[0], 1e-300):.3e}")
+    spec = load_spec(args.arch) if args.arch else parse(DEMO_SPEC)
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise CLIError(f"output directory does not exist: {os.path.dirname(args.out)}")
+    if args.points is not None and args.points < 2:
+        raise CLIError(f"--points must be at least 2, got {args.points}")
+    result = run_demo(args.out_dir, "quick" if args.quick else args.scale, spec,
+                      points=args.points)
     if args.out:
-        save_npz(args.out, {"gamma": gamma, "x": x, **out})
-        print(f"wrote gamma, x, nngp, ntk to {args.out}")
+        from .gram import kernel
+
+        gamma = np.asarray(result.fig1.coordinates["kernel"])
+        x = circle(gamma)
+        save_npz(args.out, {"gamma": gamma, "x": x, **kernel(spec, x)})
+        print(f"wrote gamma, x and the limiting nngp, ntk on the unit circle to {args.out}")
+
+
+def _parse_widths(text):
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise CLIError(f"--widths: expected comma-separated integers such as 64,256,1024, "
+                       f"got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise CLIError(f"--widths: give positive widths such as 64,256,1024, got {text!r}")
+    return widths
+
+
+def _cmd_compare(args):
+    from .experiments import run_compare
+
+    spec = load_spec(args.arch)
+    widths = _parse_widths(args.widths)
+    if args.seeds < 1 or args.steps < 0:
+        raise CLIError(f"--seeds must be >= 1 and --steps >= 0, got {args.seeds} and "
+                       f"{args.steps}")
+    if args.y_columns < 1:
+        raise CLIError(f"--y-columns must be at least 1, got {args.y_columns}")
+    x, y = load_training(args.data, args.y_columns)
+    x_test = load_array(args.test, "x") if args.test else None
+    run_compare(spec, x, y, x_test, widths, args.seeds, args.steps, args.lr, args.out_dir,
+                diag_reg=args.diag_reg)
 
 
 def _parse_times(values):
@@ -196,6 +242,9 @@ def _cmd_predict(args):
     x_test = load_array(args.test, "x")
     times = _parse_times(args.time)
     modes = _parse_modes(args.mode)
+    if args.solver == "cg":
+        _predict_cg(args, spec, x_train, y_train, x_test, times, modes)
+        return
     cov = None if args.mean_only else "var" if args.var_only else "full"
     start = time.perf_counter()
     ensemble = GradientFlowEnsemble(spec, x_train, y_train, learning_rate=args.lr,
@@ -214,6 +263,37 @@ def _cmd_predict(args):
     names = ", ".join(k for k in arrays if k != "times")
     print(f"wrote {names} and times ({len(times)} time(s) x {x_test.shape[0]} test inputs) "
           f"to {args.out} in {elapsed:.2f} s")
+
+
+def _predict_cg(args, spec, x_train, y_train, x_test, times, modes):
+    """t = ∞ means by conjugate gradients over kernel tiles (no N x N matrix)."""
+    from .distributed import solve_cg
+
+    if not np.all(np.isinf(times)):
+        raise CLIError("--solver cg predicts the converged network only: drop --time or "
+                       "use --time inf")
+    if args.var_only:
+        raise CLIError("--solver cg computes means only: drop --var-only")
+    if args.store and len(modes) > 1:
+        raise CLIError("--store holds one training kernel: give --mode ntk or --mode nngp")
+    start = time.perf_counter()
+    arrays = {"times": np.array([np.inf])}
+    for mode in modes:
+        sol = solve_cg(spec, x_train, y_train, x_test, kind=mode, diag_reg=args.diag_reg,
+                       diag_reg_absolute=args.diag_reg_absolute, tol=args.cg_tol,
+                       maxiter=args.cg_maxiter, rank=args.cg_rank, store=args.store,
+                       memory=args.memory)
+        print(f"{mode}: {sol}")
+        if not sol.converged:
+            raise CLIError(f"{mode}: CG did not reach --cg-tol {args.cg_tol:g} in "
+                           f"{sol.iterations} iterations (residual {sol.residual:.2e}); raise "
+                           "--cg-maxiter or --cg-rank, or regularise with --diag-reg")
+        arrays[f"{mode}_mean"] = sol.mean[None]
+    elapsed = time.perf_counter() - start
+    save_npz(args.out, arrays)
+    names = ", ".join(k for k in arrays if k != "times")
+    print(f"wrote {names} and times (t = inf x {x_test.shape[0]} test inputs) to {args.out} "
+          f"in {elapsed:.2f} s")
 
 
 def _cmd_check(args):
@@ -237,25 +317,66 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("kernel", help="Gram matrices of a spec on inputs")
-    p.add_argument("--arch", required=True,
+    p.add_argument("--arch",
                    help="spec text, e.g. '3 * [dense(w_std=1.5, b_std=0.05), relu], dense',"
                         " or a file holding the text or JSON form")
-    p.add_argument("--x", required=True, help="inputs (n, d): .npy, .npz (array x) or .csv")
+    p.add_argument("--x", help="inputs (n, d): .npy, .npz (array x) or .csv")
     p.add_argument("--x2", help="second input set (m, d); default: x with itself")
     p.add_argument("--get", default="nngp,ntk", help="kernels to compute (default nngp,ntk)")
     p.add_argument("--dtype", default="float64", choices=("float64", "float32"))
-    p.add_argument("--out", required=True, help="output .npz with arrays nngp and ntk")
+    p.add_argument("--out",
+                   help="output .npz with arrays nngp and ntk, or a directory: an on-disk "
+                        "store written tile by tile (rerun to resume after a crash)")
     p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
+    p.add_argument("--memory",
+                   help="memory budget of a store run, e.g. 4GB (sets the tile size; "
+                        "default: the smaller of 4 GiB and half the available memory)")
+    p.add_argument("--scheduler",
+                   help="run the tiles of a store on Dask: 'local' (a LocalCluster on this "
+                        "machine) or a scheduler address tcp://host:8786")
+    p.add_argument("--status", metavar="DIR",
+                   help="report the progress of the store DIR and exit")
     p.set_defaults(run=_cmd_kernel)
 
     p = sub.add_parser("activations", help="list activations and how each is computed")
     p.set_defaults(run=_cmd_activations)
 
-    p = sub.add_parser("demo", help="kernels on the unit circle (built-in input set)")
+    p = sub.add_parser("demo", help="finite networks against the limit: Jacot et al. "
+                                    "(2018), Figures 1 and 2, on the unit circle")
     p.add_argument("--arch", help=f"spec (default: {DEMO_SPEC})")
-    p.add_argument("--points", type=int, default=256, help="points on the circle")
-    p.add_argument("--out", help="also write the kernels to this .npz")
+    p.add_argument("--scale", default="laptop", choices=sorted(DEMO_SCALES),
+                   help="sizes: laptop (default, about two minutes on 2 cores), paper "
+                        "(the paper's widths), quick (seconds; a smoke test)")
+    p.add_argument("--quick", action="store_true", help="same as --scale quick")
+    p.add_argument("--points", type=int, help="points on the circle (default from the scale)")
+    p.add_argument("--out-dir", default="limitkernel-demo",
+                   help="directory for summary.json and the figures (default "
+                        "./limitkernel-demo)")
+    p.add_argument("--out", help="also write the limiting kernels on the circle to this .npz")
     p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("compare", help="finite networks of several widths against the "
+                                       "limit, on your spec and data")
+    p.add_argument("--arch", required=True, help="spec text or a file holding it")
+    p.add_argument("--data", required=True,
+                   help="training data: .npz with arrays x and y, or a .csv/.npy table "
+                        "whose last --y-columns columns are y")
+    p.add_argument("--test", help="test inputs for the output comparison (default: the "
+                                  "training inputs)")
+    p.add_argument("--y-columns", type=int, default=1,
+                   help="number of target columns at the end of a training table (default 1)")
+    p.add_argument("--widths", default="64,256,1024",
+                   help="comma-separated hidden widths (default 64,256,1024)")
+    p.add_argument("--seeds", type=int, default=5, help="networks per width (default 5)")
+    p.add_argument("--steps", type=int, default=1000,
+                   help="gradient-descent steps (time t = steps; default 1000)")
+    p.add_argument("--lr", type=float, default=1.0, help="learning rate η (default 1)")
+    p.add_argument("--diag-reg", type=float, default=0.0,
+                   help="relative diagonal regulariser of the limiting NTK (default 0)")
+    p.add_argument("--out-dir", default="limitkernel-compare",
+                   help="directory for summary.json and the figures "
+                        "(default ./limitkernel-compare)")
+    p.set_defaults(run=_cmd_compare)
 
     p = sub.add_parser("predict", help="outputs of trained infinitely wide networks "
                                        "(gradient-flow ensemble / NNGP posterior)")
@@ -283,6 +404,19 @@ def build_parser():
     which.add_argument("--mean-only", action="store_true", help="write only <mode>_mean")
     p.add_argument("--out", required=True,
                    help="output .npz: times, <mode>_mean, <mode>_cov or <mode>_var")
+    p.add_argument("--solver", default="dense", choices=("dense", "cg"),
+                   help="dense: factorise the training kernel (default); cg: conjugate "
+                        "gradients over kernel tiles, for more training points than fit in "
+                        "memory (t = inf means only)")
+    p.add_argument("--cg-tol", type=float, default=1e-8,
+                   help="CG: relative residual to reach (default 1e-8)")
+    p.add_argument("--cg-maxiter", type=int, help="CG: iteration limit (default 10 * rank + 100)")
+    p.add_argument("--cg-rank", type=int, default=200,
+                   help="CG: rank of the pivoted-Cholesky preconditioner (default 200)")
+    p.add_argument("--store", metavar="DIR",
+                   help="CG: read the training kernel from this store (limitkernel kernel "
+                        "--x TRAIN_X --get MODE --out DIR) instead of recomputing tiles")
+    p.add_argument("--memory", help="CG: memory budget for tiles, e.g. 4GB")
     p.set_defaults(run=_cmd_predict)
 
     p = sub.add_parser("check", help="positive definiteness and conditioning of the kernels")
@@ -305,7 +439,7 @@ def main(argv=None):
     except BrokenPipeError:
         return 0
     except (CLIError, SpecError, ValueError, MemoryError, FloatingPointError,
-            OSError) as err:
+            OSError, ImportError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"limitkernel: error: {message}", file=sys.stderr)
         return 2

@@ -90,7 +90,8 @@ def test_activations_lists_every_activation():
 
 def test_demo_summarises_the_unit_circle(tmp_path):
     out = tmp_path / "demo.npz"
-    result = run("demo", "--points", "64", "--out", str(out))
+    result = run("demo", "--quick", "--points", "64", "--out", str(out),
+                 "--out-dir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     assert "unit circle" in result.stdout
     with np.load(out) as data:
