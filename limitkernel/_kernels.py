@@ -173,16 +173,18 @@ def _dense_row(q12, c, th, s11, s22, t11, t22, w2, b2, alpha, beta, want_ntk):
         if want_ntk:
             th[j] = alpha * q + beta + w2 * th[j]
         cj = c[j]
-        nrm_new = t11 * t22[j]
-        if nrm_new > 0.0:
-            # Every term is scaled by 1/√(q11' q22') before it is squared, so
-            # tiny or huge variances neither underflow nor overflow.
-            inv = 1.0 / nrm_new
-            rho_new = new * inv
+        if t11 > 0.0 and t22[j] > 0.0:
+            # Every term is scaled by 1/√(q11' q22') before it is squared, and
+            # that factor is applied one root at a time, so tiny (even
+            # subnormal) or huge variances neither underflow nor overflow.
+            inv1 = 1.0 / t11
+            inv2 = 1.0 / t22[j]
+            rho_new = (new * inv1) * inv2
             if rho_new > 0.0:
-                r = s11 * s22[j] * inv
-                u = (s11 - s22[j]) / math.sqrt(nrm_new)
-                det = w2 * w2 * r * r * cj * (2.0 - cj) + w2 * b2 * inv * (u * u + 2.0 * r * cj)
+                r = (s11 * inv1) * (s22[j] * inv2)
+                u = (s11 - s22[j]) * (math.sqrt(inv1) * math.sqrt(inv2))
+                det = w2 * w2 * r * r * cj * (2.0 - cj) + w2 * (b2 * inv1) * inv2 * (
+                    u * u + 2.0 * r * cj)
                 cn = det / (1.0 + rho_new)
             else:
                 cn = 1.0 - rho_new
