@@ -173,7 +173,10 @@ def _parse_widths(text):
 def _cmd_compare(args):
     from .experiments import run_compare
 
-    spec = load_spec(args.arch)
+    if args.arch is None and args.torch_model is None:
+        raise CLIError("give --arch SPEC, or --torch-model FILE to take the model's spec")
+    spec = None if args.arch is None else load_spec(args.arch)
+    model = None if args.torch_model is None else _load_torch_model(args.torch_model)
     widths = _parse_widths(args.widths)
     if args.seeds < 1 or args.steps < 0:
         raise CLIError(f"--seeds must be >= 1 and --steps >= 0, got {args.seeds} and "
@@ -183,7 +186,29 @@ def _cmd_compare(args):
     x, y = load_training(args.data, args.y_columns)
     x_test = load_array(args.test, "x") if args.test else None
     run_compare(spec, x, y, x_test, widths, args.seeds, args.steps, args.lr, args.out_dir,
-                diag_reg=args.diag_reg)
+                diag_reg=args.diag_reg, torch_model=model)
+
+
+def _load_torch_model(path):
+    """A whole model saved with ``torch.save(model, path)`` (this runs pickled code)."""
+    import pickle
+
+    from .torch_interop import _torch
+
+    torch = _torch()
+    if not os.path.exists(path):
+        raise CLIError(f"--torch-model: file not found: {path}")
+    try:
+        model = torch.load(path, weights_only=False, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ImportError,
+            ValueError) as err:
+        raise CLIError(f"--torch-model: cannot load {path} ({type(err).__name__}: {err}); "
+                       "save the whole model with torch.save(model, path)") from None
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"--torch-model: {path} holds a {type(model).__name__}, not a "
+                       "torch.nn.Module; save the whole model with torch.save(model, path), "
+                       "not its state_dict")
+    return model
 
 
 def _parse_times(values):
@@ -357,7 +382,8 @@ def build_parser():
 
     p = sub.add_parser("compare", help="finite networks of several widths against the "
                                        "limit, on your spec and data")
-    p.add_argument("--arch", required=True, help="spec text or a file holding it")
+    p.add_argument("--arch", help="spec text or a file holding it (default: the spec of "
+                                  "--torch-model)")
     p.add_argument("--data", required=True,
                    help="training data: .npz with arrays x and y, or a .csv/.npy table "
                         "whose last --y-columns columns are y")
@@ -376,6 +402,12 @@ def build_parser():
     p.add_argument("--out-dir", default="limitkernel-compare",
                    help="directory for summary.json and the figures "
                         "(default ./limitkernel-compare)")
+    p.add_argument("--torch-model", metavar="FILE",
+                   help="a PyTorch model saved whole with torch.save(model, FILE), put "
+                        "beside the limit as one more row (its empirical NTK on the kernel "
+                        "inputs against the limit of its spec). WARNING: loading unpickles "
+                        "the file, which runs any code it holds; use only files you trust. "
+                        "Needs pip install 'limitkernel[torch]'")
     p.set_defaults(run=_cmd_compare)
 
     p = sub.add_parser("predict", help="outputs of trained infinitely wide networks "

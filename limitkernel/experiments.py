@@ -299,9 +299,9 @@ def ntk_distance_at_init(spec, x, widths, seeds=10, seed=0, n_outputs=1, progres
     limits = {}
     try:
         for i, width in enumerate(widths):
-            key = str(limit_spec(spec, width))
+            key = str(limit_spec(spec, width, x.shape[1]))
             if key not in limits:
-                theta = kernel(limit_spec(spec, width), x, get="ntk")["ntk"]
+                theta = kernel(limit_spec(spec, width, x.shape[1]), x, get="ntk")["ntk"]
                 limits[key] = _limit_like(theta, n_outputs)
 
             def task(s, width=width, theta=limits[key]):
@@ -396,6 +396,7 @@ class Comparison:
     coordinates: dict = field(default_factory=dict)
     title: str = ""
     seconds: float = 0.0
+    torch: dict | None = None
 
     def run(self, width):
         """The :class:`WidthRun` of one width."""
@@ -416,7 +417,7 @@ class Comparison:
             "summary": [self._row_summary(r) for r in self.runs],
             "runs": [r.to_dict() for r in self.runs],
             "y_train": self.y_train, "coordinates": self.coordinates,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "torch": self.torch,
         })
 
     @staticmethod
@@ -445,6 +446,12 @@ class Comparison:
                 f"  {r.width:>7d} | {s['init_distance_mean']:9.4f} {s['init_distance_sd']:9.4f} | "
                 f"{s['movement_mean']:9.2e} {s['movement_sd']:9.2e} | {r.inside:18.2f} | "
                 f"{s['final_loss_mean']:10.3e}")
+        if self.torch is not None:
+            t = self.torch
+            lines.append(f"  {'torch':>7} | {t['init_distance']:9.4f} {'':>9} | {'-':>19} | "
+                         f"{'-':>18} | {'-':>10}")
+            lines.append(f"    torch: the given model as it is, {t['n_params']} parameters, "
+                         f"against the limit of its spec {t['spec']}")
         lines.append(f"  log-log slope vs width: (1) {self.init_slope:+.3f} ± "
                      f"{self.init_slope_se:.3f} (theory -1/2); (2) "
                      f"{self.movement_slope:+.3f} ± {self.movement_slope_se:.3f} "
@@ -454,13 +461,14 @@ class Comparison:
 
 def compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5,
             steps=1000, learning_rate=1.0, x_kernel=None, seed=0, diag_reg=0.0,
-            progress=False, title="", n_jobs=None):
+            progress=False, title="", n_jobs=None, torch_model=None):
     """Train finite networks of several widths and compare them with the limit.
 
     Parameters
     ----------
-    spec : str or Serial
-        The architecture (as for :func:`limitkernel.kernel`).
+    spec : str or Serial or None
+        The architecture (as for :func:`limitkernel.kernel`); None takes that of
+        ``torch_model``.
     x_train : (N, d) array_like
     y_train : (N,) or (N, c) array_like
         Regression targets (MSE loss, ½·mean over the N·c targets).
@@ -492,6 +500,14 @@ def compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5
         seeds of a width train on parallel threads with a single-threaded BLAS
         each (needs threadpoolctl, in ``pip install 'limitkernel[progress]'``;
         without it they train one after another).
+    torch_model : torch.nn.Module, optional
+        A PyTorch model to put beside the limit (``pip install
+        'limitkernel[torch]'``): its spec is :func:`limitkernel.from_torch`'s,
+        its empirical NTK :func:`limitkernel.empirical_ntk_torch`'s on
+        ``x_kernel``, with its parameters as they are (initial or trained) and
+        in its mode (dropout counts in training mode). The relative distance
+        from the limit of its spec is ``Comparison.torch["init_distance"]``,
+        one more row of the table.
 
     Returns
     -------
@@ -506,7 +522,14 @@ def compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5
     diverges, is refused with the largest one that is not.
     """
     start = time.perf_counter()
-    spec = as_spec(spec)
+    torch_spec = None
+    if torch_model is not None:
+        from .torch_interop import from_torch
+
+        torch_spec = from_torch(torch_model)
+    if spec is None and torch_spec is None:
+        raise ValueError("give a spec, or a torch_model whose spec to use")
+    spec = torch_spec if spec is None else as_spec(spec)
     x_train = check_inputs(x_train, "x_train")
     y = np.asarray(y_train, dtype=np.float64)
     if y.ndim not in (1, 2) or y.shape[0] != x_train.shape[0]:
@@ -523,6 +546,7 @@ def compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     steps = int(steps)
+    torch_row = None if torch_model is None else _torch_row(torch_model, torch_spec, x_kernel)
     bar = _progress(len(widths) * seeds, progress, "train")
     runs, limits = [], {}
     try:
@@ -538,7 +562,23 @@ def compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5
     return Comparison(str(spec), widths, seeds, steps, float(learning_rate),
                       x_train.shape[0], x_test.shape[0], x_kernel.shape[0], runs,
                       init_slope[0], init_slope[1], move_slope[0], move_slope[1], y,
-                      title=title, seconds=time.perf_counter() - start)
+                      title=title, seconds=time.perf_counter() - start, torch=torch_row)
+
+
+def _torch_row(model, spec, x_kernel):
+    """The torch model's empirical NTK on x_kernel against the limit of its spec."""
+    from .torch_interop import empirical_ntk_torch
+
+    n_in = getattr(next((m for m in model.modules() if hasattr(m, "in_features")), None),
+                   "in_features", None)
+    if n_in is not None and n_in != x_kernel.shape[1]:
+        raise ValueError(f"the torch model takes {n_in} input features but the data has "
+                         f"{x_kernel.shape[1]}; give data of the model's input dimension")
+    theta = kernel(spec, x_kernel, get="ntk")["ntk"]
+    empirical = empirical_ntk_torch(model, x_kernel)
+    return {"spec": str(spec), "init_distance": _relative_distance(empirical, theta),
+            "n_params": int(sum(p.numel() for p in model.parameters())),
+            "ntk_row": _row(empirical), "limit_row": _row(theta)}
 
 
 def _limit(limit_spec, x_train, y, x_test, x_kernel, steps, learning_rate, diag_reg,
@@ -567,7 +607,7 @@ def _limit(limit_spec, x_train, y, x_test, x_kernel, steps, learning_rate, diag_
 
 def _run_width(spec, x_train, y, x_test, x_kernel, width, seeds, steps, learning_rate,
                seed, diag_reg, n_outputs, cache, bar, n_jobs):
-    theta, mean, sd = _limit(limit_spec(spec, width), x_train, y, x_test, x_kernel, steps,
+    theta, mean, sd = _limit(limit_spec(spec, width, x_train.shape[1]), x_train, y, x_test, x_kernel, steps,
                              learning_rate, diag_reg, n_outputs, cache)
 
     def task(s):
@@ -788,7 +828,7 @@ def run_demo(out_dir="limitkernel-demo", scale="laptop", spec=DEMO_SPEC, points=
 
 def run_compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5,
                 steps=1000, learning_rate=1.0, out_dir="limitkernel-compare", diag_reg=0.0,
-                progress=True, echo=print):
+                progress=True, echo=print, torch_model=None):
     """``limitkernel compare``: run :func:`compare`, print its table, write files.
 
     Writes ``summary.json`` and, with matplotlib, ``ntk_rows.png``,
@@ -798,8 +838,8 @@ def run_compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), see
 
     _prepare_dir(out_dir)
     result = compare(spec, x_train, y_train, x_test, widths, seeds, steps, learning_rate,
-                     diag_reg=diag_reg, progress=progress,
-                     title=f"{as_spec(spec)}")
+                     diag_reg=diag_reg, progress=progress, torch_model=torch_model,
+                     title="" if spec is None else f"{as_spec(spec)}")
     echo(result.table())
 
     def draw():

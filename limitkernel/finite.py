@@ -27,7 +27,18 @@ from scipy.linalg.blas import dgemm, dsyrk
 
 from .activations import Activation
 from .gram import check_inputs
-from .spec import Dense, Serial, SpecError, as_spec
+from .spec import (
+    Block,
+    Concat,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Parallel,
+    Residual,
+    Serial,
+    SpecError,
+    as_spec,
+)
 
 __all__ = ["LOSSES", "FiniteNetwork", "TrainingHistory", "limit_spec"]
 
@@ -130,24 +141,150 @@ class TrainingHistory:
         return self.steps.astype(np.float64)
 
 
-def limit_spec(spec, width):
+def limit_spec(spec, width, n_features=None):
     """The spec whose :func:`limitkernel.kernel` is the limit of networks of this width.
 
     In the standard parameterisation the NTK depends on the widths, so every
     standard hidden dense layer gets its width (``width``: one int, or one per
-    hidden dense layer); NTK-parameterised layers are unchanged.
+    hidden dense layer, depth first through blocks, as for
+    :class:`FiniteNetwork`); NTK-parameterised layers are unchanged.
+    ``n_features`` is needed only when a residual block comes before the first
+    dense layer (its branch then has the input's width).
     """
     spec = as_spec(spec)
-    hidden = [layer for layer in spec.layers[:-1] if isinstance(layer, Dense)]
-    widths = iter(_check_widths(width, len(hidden)))
-    layers = []
-    for layer in spec.layers[:-1]:
+    if _is_plain(spec.layers):
+        hidden = [layer for layer in spec.layers[:-1] if isinstance(layer, Dense)]
+        widths = iter(_check_widths(width, len(hidden)))
+        layers = []
+        for layer in spec.layers[:-1]:
+            if isinstance(layer, Dense):
+                w = next(widths)
+                if layer.parameterization == "standard":
+                    layer = Dense(layer.w_std, layer.b_std, "standard", w)
+            layers.append(layer)
+        return Serial(layers + list(spec.layers[-1:]))
+    builder = _Builder(spec, width, n_features, None)
+    return builder.limit
+
+
+def _is_plain(layers):
+    """Only dense layers and activations: the fast path of :class:`FiniteNetwork`."""
+    return all(isinstance(layer, (Dense, Activation)) for layer in layers)
+
+
+def _count_dense(layers):
+    count = 0
+    for layer in layers:
         if isinstance(layer, Dense):
-            w = next(widths)
-            if layer.parameterization == "standard":
-                layer = Dense(layer.w_std, layer.b_std, "standard", w)
-        layers.append(layer)
-    return Serial(layers + list(spec.layers[-1:]))
+            count += 1
+        elif isinstance(layer, Block):
+            count += sum(_count_dense(b.layers) for b in layer.branches)
+    return count
+
+
+class _Builder:
+    """Walks a spec with blocks depth first: hidden widths, parameters, the limit spec.
+
+    Widths (as in the Monte Carlo reference of the tests): with one int ``width``
+    every hidden dense layer has that width, except inside a residual branch,
+    whose dense layers have the block input's width (so the skip connection
+    adds up), and inside ``concat``, whose branch b has width
+    ``round(width · k · w_b / Σ w)`` (k branches; the limit weighs the branches
+    by these shares). With a list, one width per hidden dense layer, depth
+    first; without ``width``, the layers' own ``width`` parameters. With
+    ``rng`` None, no parameters are drawn.
+    """
+
+    def __init__(self, spec, width, n_features, n_outputs, rng=None):
+        layers = list(spec.layers)
+        n_hidden = _count_dense(layers) - 1
+        self.explicit = _check_widths(width, n_hidden) if np.ndim(width) else None
+        self.scalar = None if width is None or np.ndim(width) else _check_widths(width, 1)[0]
+        self._next = iter(self.explicit or ())
+        self.n_outputs, self.rng = n_outputs, rng
+        self.widths, self.dense = [], []
+        self.nodes, fan_in, self.limit_layers = self._walk(layers, n_features, self.scalar,
+                                                           "", top=True)
+        self.limit = Serial(self.limit_layers)
+        self.out_width = fan_in
+
+    def _width(self, layer, default, where):
+        if self.explicit is not None:
+            return next(self._next)
+        if self.scalar is not None:
+            if default is None:
+                raise ValueError(f"{where}: a residual block before the first dense layer "
+                                 "has the input's width; pass n_features=...")
+            return int(default)
+        if layer.width is None:
+            raise ValueError(f"give width=... (one int, or one per hidden dense layer): "
+                             f"{where} has no width")
+        return int(layer.width)
+
+    def _walk(self, layers, fan_in, default, path, top=False):
+        nodes, limit = [], []
+        for pos, layer in enumerate(layers):
+            where = f"{path}layer {pos + 1} ({layer})"
+            if isinstance(layer, Dense):
+                if top and pos == len(layers) - 1:
+                    fan_out = self.n_outputs
+                else:
+                    fan_out = self._width(layer, default, where)
+                    self.widths.append(fan_out)
+                    if layer.parameterization == "standard":
+                        layer = Dense(layer.w_std, layer.b_std, "standard", fan_out)
+                if self.rng is not None:
+                    params = _DenseParams(layer, fan_in, fan_out, self.rng)
+                    self.dense.append(params)
+                    nodes.append(("dense", params))
+                fan_in = fan_out
+            elif isinstance(layer, Residual):
+                branch, out, sub = self._walk(layer.branches[0].layers, fan_in, fan_in,
+                                              f"{where}: ")
+                if fan_in is not None and out != fan_in:
+                    raise ValueError(
+                        f"{where}: the branch outputs width {out} but the block input "
+                        f"has width {fan_in}; the skip connection needs them equal "
+                        f"(give the branch's dense layers width {fan_in})")
+                nodes.append(("residual", layer.alpha, layer.beta, branch))
+                layer = Residual(sub, layer.alpha, layer.beta)
+            elif isinstance(layer, (Parallel, Concat)):
+                k = len(layer.branches)
+                if isinstance(layer, Concat):
+                    shares = [None if default is None else max(1, round(default * k * f))
+                              for f in layer.fractions()]
+                else:
+                    shares = [default] * k
+                branches, outs, subs = [], [], []
+                for index, (b, share) in enumerate(zip(layer.branches, shares)):
+                    nodes_b, out, sub = self._walk(b.layers, fan_in, share,
+                                                   f"{where}, branch {index + 1}: ")
+                    branches.append(nodes_b)
+                    outs.append(out)
+                    subs.append(sub)
+                if isinstance(layer, Parallel):
+                    if len(set(outs)) > 1:
+                        raise ValueError(f"{where}: the branches output widths {outs}, but a "
+                                         "sum needs them equal; give their last dense "
+                                         "layers one width")
+                    nodes.append(("parallel", branches))
+                    fan_in = outs[0]
+                    layer = Parallel(*subs)
+                else:
+                    nodes.append(("concat", branches, outs))
+                    fan_in = None if None in outs else sum(outs)
+                    layer = Concat(*subs, widths=layer.widths)
+            elif isinstance(layer, LayerNorm):
+                nodes.append(("layernorm", layer.eps))
+            elif isinstance(layer, Dropout):
+                if layer.p > 0:
+                    nodes.append(("dropout", layer.p))
+            elif isinstance(layer, Activation):
+                nodes.append(("act", layer))
+            else:
+                raise SpecError(f"{where}: {layer!r} is not supported by finite networks")
+            limit.append(layer)
+        return nodes, fan_in, limit
 
 
 def _check_widths(width, n_hidden):
@@ -204,8 +341,10 @@ class FiniteNetwork:
         dense readout.
     width : int or sequence of int, optional
         Width of every hidden dense layer (all dense layers but the readout), or
-        one width per hidden dense layer. Default: the layers' ``width``
-        parameters (then required).
+        one width per hidden dense layer (depth first through blocks). Default:
+        the layers' ``width`` parameters (then required). With one int, the
+        dense layers of a residual branch take the block input's width and those
+        of concat branch b ``round(width · k · w_b / Σ w)``.
     n_features : int
         Input dimension d.
     n_outputs : int
@@ -235,6 +374,12 @@ class FiniteNetwork:
     with (w_mul², b_mul²) = (σ_w²/n, σ_b²) in the NTK and (1, 1) in the standard
     parameterisation: two Gram matrices per layer and one backward pass per
     output unit.
+
+    Blocks: ``residual`` is α·x + β·f(x), ``parallel`` the sum and ``concat``
+    the concatenation of its branches; ``layernorm`` normalises over the
+    features without affine parameters, (z − mean z)/√(var z + ε); ``dropout``
+    is in training mode, a mask per input and unit (see :meth:`forward`). A
+    spec of dense layers and activations only takes a faster path.
     """
 
     def __init__(self, spec, width=None, n_features=None, n_outputs=1, seed=None):
@@ -244,11 +389,6 @@ class FiniteNetwork:
             last = layers[-1] if layers else "nothing"
             raise SpecError(f"the network must end with a dense readout layer, but its last "
                             f"layer is {last}; append ', dense'")
-        for index, layer in enumerate(layers):
-            if not isinstance(layer, (Dense, Activation)):
-                raise SpecError(f"layer {index + 1} ({layer}) is not supported by finite "
-                                "networks, which are built from dense layers and "
-                                "activations only")
         if n_features is None or isinstance(n_features, bool) or int(n_features) != n_features \
                 or n_features < 1:
             raise ValueError(f"n_features must be a positive integer (the input dimension d), "
@@ -256,6 +396,17 @@ class FiniteNetwork:
         if isinstance(n_outputs, bool) or int(n_outputs) != n_outputs or n_outputs < 1:
             raise ValueError(f"n_outputs must be a positive integer, got {n_outputs!r}")
         self.n_features, self.n_outputs = int(n_features), int(n_outputs)
+        self._tree = None
+        if not _is_plain(layers):
+            builder = _Builder(self.spec, width, self.n_features, self.n_outputs,
+                               _check_rng(seed))
+            self.widths, self.dense = tuple(builder.widths), builder.dense
+            self._tree, self._limit = builder.nodes, builder.limit
+            self._first = next(i for i, node in enumerate(self._tree)
+                               if _has_params(node))
+            # Dropout masks: a stream of their own, so parameters do not depend on p.
+            self._masks = np.random.default_rng(builder.rng.integers(2 ** 63))
+            return
         hidden = [layer for layer in layers[:-1] if isinstance(layer, Dense)]
         widths = _check_widths(width, len(hidden))
         if widths is None:
@@ -294,6 +445,8 @@ class FiniteNetwork:
 
         See :func:`limit_spec`.
         """
+        if self._tree is not None:
+            return self._limit
         return limit_spec(self.spec, self.widths)
 
     def _check_x(self, x, name="x"):
@@ -303,23 +456,35 @@ class FiniteNetwork:
                              f"with n_features={self.n_features}")
         return x
 
-    def forward(self, x):
+    def forward(self, x, dropout_seed=None):
         """Outputs on a batch.
 
         Parameters
         ----------
         x : (N, d) array_like
+        dropout_seed : int, optional
+            Dropout (training mode) draws a mask per input and unit from the
+            network's own stream, new at every call; with a seed the masks come
+            from ``numpy.random.default_rng(dropout_seed)`` instead, the same at
+            every call with that seed and batch size.
 
         Returns
         -------
         (N, c) array
         """
-        return self._forward(self._check_x(x))[0]
+        return self._forward(self._check_x(x), masks=_mask_rng(dropout_seed))[0]
 
     __call__ = forward
 
-    def _forward(self, x, keep=False, check=True):
+    def _forward(self, x, keep=False, check=True, masks=None):
         """Outputs and, with ``keep``, per layer the dense input or the activation's φ'."""
+        if self._tree is not None:
+            tape = [] if keep else None
+            a = _run(self._tree, x, tape, masks or self._masks)
+            if check and not np.all(np.isfinite(a)):
+                raise FloatingPointError("the network's outputs overflow (inf or NaN); "
+                                         "lower w_std, b_std or the input scale")
+            return a, tape
         cache = []
         a = x
         for layer in self._layers:
@@ -338,7 +503,7 @@ class FiniteNetwork:
 
     # ---------------------------------------------------------------- kernels
 
-    def nngp(self, x1, x2=None):
+    def nngp(self, x1, x2=None, dropout_seed=None):
         """Empirical NNGP: the output covariance given the readout's input a.
 
         ``σ_w²/n · a(x)·a(x') + σ_b²`` (n the readout's fan-in), in either
@@ -350,9 +515,9 @@ class FiniteNetwork:
         -------
         (N, M) array
         """
-        return self.kernels(x1, x2, get="nngp")["nngp"]
+        return self.kernels(x1, x2, get="nngp", dropout_seed=dropout_seed)["nngp"]
 
-    def ntk(self, x1, x2=None):
+    def ntk(self, x1, x2=None, dropout_seed=None):
         """Empirical NTK ⟨∂f(x)/∂θ, ∂f(x')/∂θ⟩, exactly.
 
         Returns
@@ -360,30 +525,70 @@ class FiniteNetwork:
         (N, M) array for one output; (N, M, c, c) for c outputs, entry
         [i, j, k, l] = ⟨∂f_k(x_i)/∂θ, ∂f_l(x_j)/∂θ⟩ (its limit is Θ ⊗ I_c).
         """
-        return self.kernels(x1, x2, get="ntk")["ntk"]
+        return self.kernels(x1, x2, get="ntk", dropout_seed=dropout_seed)["ntk"]
 
-    def kernels(self, x1, x2=None, get=("nngp", "ntk")):
-        """Empirical NNGP and/or NTK, as a dict like :func:`limitkernel.kernel`."""
+    def kernels(self, x1, x2=None, get=("nngp", "ntk"), dropout_seed=None):
+        """Empirical NNGP and/or NTK, as a dict like :func:`limitkernel.kernel`.
+
+        With dropout, every input of ``x1`` (and of ``x2``) draws its own masks
+        (see :meth:`forward` for ``dropout_seed``); x1 and x2 are different
+        examples, as in the limit.
+        """
         kinds = (get,) if isinstance(get, str) else tuple(get)
         if not kinds or any(k not in ("nngp", "ntk") for k in kinds):
             raise ValueError(f"get must name 'nngp' and/or 'ntk', got {get!r}")
         x1 = self._check_x(x1, "x1")
         sym = x2 is None
-        _, cache1 = self._forward(x1, keep=True)
+        masks = _mask_rng(dropout_seed)
+        _, cache1 = self._forward(x1, keep=True, masks=masks)
         if sym:
             cache2 = cache1
         else:
-            _, cache2 = self._forward(self._check_x(x2, "x2"), keep=True)
+            _, cache2 = self._forward(self._check_x(x2, "x2"), keep=True, masks=masks)
         out = {}
         if "nngp" in kinds:
             head = self.dense[-1]
             a1, a2 = cache1[-1], cache2[-1]
             scale = head.layer.w_std ** 2 / head.fan_in
             out["nngp"] = scale * _gram(a1, None if sym else a2) + head.layer.b_std ** 2
-        if "ntk" in kinds:
+        if "ntk" in kinds and self._tree is not None:
+            out["ntk"] = self._ntk_tree(cache1, None if sym else cache2, x1.shape[0],
+                                        x1.shape[0] if sym else x2.shape[0])
+        elif "ntk" in kinds:
             out["ntk"] = self._ntk(cache1, cache2, sym, x1.shape[0],
                                    x1.shape[0] if sym else x2.shape[0])
         return {k: out[k] for k in kinds}
+
+    def _ntk_tree(self, tape1, tape2, n1, n2):
+        """Empirical NTK of a network with blocks: backward signals per dense layer."""
+        c = self.n_outputs
+        grads1 = self._backward(tape1, np.tile(np.eye(c), (n1, 1)).reshape(n1, c, c))
+        grads2 = grads1 if tape2 is None else \
+            self._backward(tape2, np.tile(np.eye(c), (n2, 1)).reshape(n2, c, c))
+        theta = np.zeros((n1 * c, n2 * c))
+        for (layer, a1, d1), (_, a2, d2) in zip(grads1, grads2):
+            sym = tape2 is None
+            gram_a = _gram(a1, None if sym else a2)
+            gram_a *= layer.w_mul ** 2
+            gram_a += layer.b_mul ** 2
+            d1 = d1.reshape(n1 * c, -1)
+            gram_d = _gram(d1, None if sym else d2.reshape(n2 * c, -1))
+            if c == 1:
+                gram_d *= gram_a
+            else:
+                gram_d = (gram_d.reshape(n1, c, n2, c)
+                          * gram_a[:, None, :, None]).reshape(n1 * c, n2 * c)
+            theta += gram_d
+        if c == 1:
+            return theta
+        return np.ascontiguousarray(theta.reshape(n1, c, n2, c).transpose(0, 2, 1, 3))
+
+    def _backward(self, tape, delta):
+        """[(dense params, input a, backward signal δ (N, r, fan_out))] for every dense
+        layer, from the signals ``delta`` (N, r, c) at the outputs."""
+        grads = []
+        _back(self._tree, tape, delta, grads, stop=self._first)
+        return grads
 
     def _ntk(self, cache1, cache2, sym, n1, n2):
         c = self.n_outputs
@@ -559,6 +764,14 @@ class FiniteNetwork:
 
     def _step(self, grad, cache, eta):
         """One gradient step from ∂L/∂f = grad (N, c), updating the parameters in place."""
+        if self._tree is not None:
+            # All gradients first (they use the current weights), then the updates.
+            for layer, a, g in self._backward(cache, grad[:, None, :]):
+                g = g[:, 0, :]
+                layer.w -= (eta * layer.w_mul) * _mm(a.T, g)
+                if layer.b_mul != 0.0:
+                    layer.b -= (eta * layer.b_mul) * g.sum(axis=0)
+            return
         g = grad
         first = len(self._layers)
         for index, layer in enumerate(self._layers):
@@ -585,3 +798,97 @@ class FiniteNetwork:
                 g = g_in
             else:
                 g = g * cache[index]
+
+
+# ------------------------------------------------------------ networks with blocks
+
+
+def _mask_rng(seed):
+    return None if seed is None else _check_rng(seed)
+
+
+def _has_params(node):
+    kind = node[0]
+    if kind == "dense":
+        return True
+    if kind == "residual":
+        return any(_has_params(n) for n in node[3])
+    if kind in ("parallel", "concat"):
+        return any(_has_params(n) for b in node[1] for n in b)
+    return False
+
+
+def _run(nodes, h, tape, masks):
+    """Forward pass through ``nodes``; with a ``tape`` list, what backward needs."""
+    for node in nodes:
+        kind = node[0]
+        if kind == "dense":
+            if tape is not None:
+                tape.append(h)
+            h = node[1](h)
+        elif kind == "act":
+            if tape is not None:
+                tape.append(node[1].derivative(h))
+            h = node[1].forward(h)
+        elif kind == "layernorm":
+            h = h - h.mean(axis=1, keepdims=True)
+            sd = np.sqrt(np.einsum("ij,ij->i", h, h)[:, None] / h.shape[1] + node[1])
+            h = h / sd
+            if tape is not None:
+                tape.append((h, sd))
+        elif kind == "dropout":
+            # Training mode: drop each unit of each input with probability p and
+            # scale the others by 1/(1 - p), as torch.nn.Dropout does.
+            m = (masks.random(h.shape) >= node[1]) / (1.0 - node[1])
+            if tape is not None:
+                tape.append(m)
+            h = h * m
+        elif kind == "residual":
+            sub = None if tape is None else []
+            h = node[1] * h + node[2] * _run(node[3], h, sub, masks)
+            if tape is not None:
+                tape.append(sub)
+        else:
+            subs = [None if tape is None else [] for _ in node[1]]
+            outs = [_run(b, h, sub, masks) for b, sub in zip(node[1], subs)]
+            h = sum(outs[1:], outs[0]) if kind == "parallel" else np.concatenate(outs, axis=1)
+            if tape is not None:
+                tape.append(subs)
+    return h
+
+
+def _back(nodes, tape, delta, grads, stop=-1):
+    """Backward signals δ (N, r, width) through ``nodes``; appends (params, a, δ) of
+    every dense layer to ``grads`` and returns δ at the input (None after node
+    ``stop``, a dense layer whose input signal is not needed)."""
+    n, r = delta.shape[:2]
+    for index in range(len(nodes) - 1, -1, -1):
+        node, rec = nodes[index], tape[index]
+        kind = node[0]
+        if kind == "dense":
+            layer = node[1]
+            grads.append((layer, rec, delta))
+            if index == stop:
+                return None
+            delta = _mm(delta.reshape(n * r, -1), layer.w.T).reshape(n, r, -1)
+            delta *= layer.w_mul
+        elif kind in ("act", "dropout"):
+            delta = delta * rec[:, None, :]
+        elif kind == "layernorm":
+            y, sd = rec
+            y = y[:, None, :]
+            delta = (delta - delta.mean(axis=2, keepdims=True)
+                     - y * (delta * y).mean(axis=2, keepdims=True))
+            delta /= sd[:, :, None]
+        elif kind == "residual":
+            inner = _back(node[3], rec, node[2] * delta, grads)
+            delta = node[1] * delta + inner
+        elif kind == "parallel":
+            inner = [_back(b, sub, delta, grads) for b, sub in zip(node[1], rec)]
+            delta = sum(inner[1:], inner[0])
+        else:
+            edges = np.cumsum([0, *node[2]])
+            inner = [_back(b, sub, np.ascontiguousarray(delta[:, :, lo:hi]), grads)
+                     for b, sub, lo, hi in zip(node[1], rec, edges[:-1], edges[1:])]
+            delta = sum(inner[1:], inner[0])
+    return delta
