@@ -7,11 +7,11 @@ temporary file and renamed into place, so a failed run leaves nothing behind.
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
+from ._io import atomic_path
 from .experiments import DEMO_SCALES, DEMO_SPEC
 from .spec import SpecError, parse
 
@@ -69,15 +69,8 @@ def save_npz(path, arrays):
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise CLIError(f"output directory does not exist: {directory}")
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, ".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _cmd_kernel(args):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import ndtri
 
+from ._io import atomic_path
 from .finite import FiniteNetwork, limit_spec
 from .gram import check_inputs, kernel
 from .predict import GradientFlowEnsemble
@@ -766,16 +766,8 @@ def jacot_demo(scale="laptop", spec=DEMO_SPEC, progress=False, seed=0, points=No
 
 def write_json(path, data):
     """Write ``data`` as JSON atomically (temporary file, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, allow_nan=False)
     return path
 
 

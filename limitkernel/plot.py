@@ -9,9 +9,10 @@ the Agg canvas, so no global pyplot state or display is touched.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from ._io import atomic_path
 
 __all__ = [
     "have_matplotlib",
@@ -49,16 +50,8 @@ def _figure(ncols=1, width=6.4, height=4.4):
 def _save(fig, path):
     """Write the PNG atomically: a failed run leaves no half-written file."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

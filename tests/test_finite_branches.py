@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 from mc_networks import FiniteNetwork as ReferenceNetwork
+from naive import fd_jacobian
 
 import limitkernel as lk
 from limitkernel.finite import FiniteNetwork, limit_spec
@@ -36,23 +37,6 @@ def _params(net):
     return [p for layer in net.dense for p in (layer.w, layer.b)]
 
 
-def _jacobian(net, x, h=1e-6, dropout_seed=None):
-    """(N·c, P) Jacobian of the outputs by central differences (rounding ~1e-10,
-    truncation ~1e-12; no ReLU kink is crossed for these seeds)."""
-    cols = []
-    for arr in _params(net):
-        flat = arr.reshape(-1)
-        for i in range(flat.size):
-            old = flat[i]
-            flat[i] = old + h
-            plus = net.forward(x, dropout_seed=dropout_seed)
-            flat[i] = old - h
-            minus = net.forward(x, dropout_seed=dropout_seed)
-            flat[i] = old
-            cols.append(((plus - minus) / (2 * h)).ravel())
-    return np.array(cols).T
-
-
 @pytest.mark.parametrize("name", sorted(SPECS))
 @pytest.mark.parametrize("n_outputs", [1, 2])
 def test_ntk_equals_brute_force_jacobian_product(name, n_outputs):
@@ -60,17 +44,17 @@ def test_ntk_equals_brute_force_jacobian_product(name, n_outputs):
     # so the network is a deterministic function of its parameters.
     net = FiniteNetwork(SPECS[name], 4, n_features=3, n_outputs=n_outputs, seed=5)
     x = np.random.default_rng(6).standard_normal((3, 3))
-    jac = _jacobian(net, x, dropout_seed=9)
+    jac = fd_jacobian(net, x, dropout_seed=9)
     brute = (jac @ jac.T).reshape(3, n_outputs, 3, n_outputs).transpose(0, 2, 1, 3)
     ntk = net.ntk(x, dropout_seed=9)
     np.testing.assert_allclose(ntk.reshape(brute.shape), brute, rtol=1e-6, atol=1e-7)
     # Two input sets: their own masks (drawn one after the other), the same
     # Jacobian product between the two halves of one batch drawn the same way.
     x2 = np.random.default_rng(7).standard_normal((2, 3))
-    j1 = _jacobian(net, x, dropout_seed=11)
+    j1 = fd_jacobian(net, x, dropout_seed=11)
     cross = net.ntk(x, x2, dropout_seed=11)
     if name != "dropout":
-        j2 = _jacobian(net, x2)
+        j2 = fd_jacobian(net, x2)
         brute = (j1 @ j2.T).reshape(3, n_outputs, 2, n_outputs).transpose(0, 2, 1, 3)
         np.testing.assert_allclose(cross.reshape(brute.shape), brute, rtol=1e-6, atol=1e-7)
     else:
