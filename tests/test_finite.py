@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from naive import fd_jacobian
+from naive import fd_gradient, fd_jacobian, net_params
 from scipy.special import erf
 
 import limitkernel as lk
@@ -31,10 +31,6 @@ SPECS = {
                              "dense(b_std=0.5), dense(w_std=0.8, b_std=0.3)",
     "numerical": [lk.Dense(1.4, 0.2), TANH, lk.Dense(1.1, 0.3)],
 }
-
-
-def _params(net):
-    return [p for layer in net.dense for p in (layer.w, layer.b)]
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -181,29 +177,18 @@ def test_one_step_moves_every_parameter_by_minus_lr_times_gradient(kind):
     else:
         y = np.array([0, 2, 1, 1, 0])
         targets = np.eye(3)[y]
-    h, eta = 1e-6, 0.7
-    grads = []
-    for arr in _params(net):
-        flat, g = arr.reshape(-1), np.empty(arr.size)
-        for i in range(flat.size):
-            old = flat[i]
-            flat[i] = old + h
-            plus = _loss(net, x, targets, kind)
-            flat[i] = old - h
-            minus = _loss(net, x, targets, kind)
-            flat[i] = old
-            g[i] = (plus - minus) / (2 * h)
-        grads.append(g.reshape(arr.shape))
-    before = [p.copy() for p in _params(net)]
+    eta = 0.7
+    grads = fd_gradient(net, lambda: _loss(net, x, targets, kind))
+    before = [p.copy() for p in net_params(net)]
     history = net.train(x, y, 1, learning_rate=eta, loss=kind)
-    for p0, p1, g in zip(before, _params(net), grads):
+    for p0, p1, g in zip(before, net_params(net), grads):
         np.testing.assert_allclose(p1, p0 - eta * g, rtol=0, atol=1e-8)
     assert history.loss[0] == pytest.approx(_loss_of(before, net, x, targets, kind), rel=1e-12)
 
 
 def _loss_of(params, net, x, targets, kind):
     other = net.copy()
-    for dest, src in zip(_params(other), params):
+    for dest, src in zip(net_params(other), params):
         dest[...] = src
     return _loss(other, x, targets, kind)
 
@@ -266,7 +251,7 @@ def test_same_seed_same_network_and_widths_per_layer():
     a = FiniteNetwork(spec, [3, 7], n_features=2, seed=5)
     b = FiniteNetwork(spec, [3, 7], n_features=2, seed=np.random.default_rng(5))
     assert [layer.w.shape for layer in a.dense] == [(2, 3), (3, 7), (7, 1)]
-    for p, q in zip(_params(a), _params(b)):
+    for p, q in zip(net_params(a), net_params(b)):
         np.testing.assert_array_equal(p, q)
 
 

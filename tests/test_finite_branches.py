@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 from mc_networks import FiniteNetwork as ReferenceNetwork
-from naive import fd_jacobian
+from naive import fd_gradient, fd_jacobian, net_params
 
 import limitkernel as lk
 from limitkernel.finite import FiniteNetwork, limit_spec
@@ -31,10 +31,6 @@ SPECS = {
                          "dense(parameterization=standard)], identity, "
                          "dense(parameterization=standard, b_std=0.1)",
 }
-
-
-def _params(net):
-    return [p for layer in net.dense for p in (layer.w, layer.b)]
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -114,22 +110,11 @@ def test_one_step_moves_every_parameter_by_minus_lr_times_gradient(name):
     def loss():
         return 0.5 * np.mean((net.forward(x) - y) ** 2)
 
-    h, eta = 1e-6, 0.6
-    grads = []
-    for arr in _params(net):
-        flat, g = arr.reshape(-1), np.empty(arr.size)
-        for i in range(flat.size):
-            old = flat[i]
-            flat[i] = old + h
-            plus = loss()
-            flat[i] = old - h
-            minus = loss()
-            flat[i] = old
-            g[i] = (plus - minus) / (2 * h)
-        grads.append(g.reshape(arr.shape))
-    before = [p.copy() for p in _params(net)]
+    eta = 0.6
+    grads = fd_gradient(net, loss)
+    before = [p.copy() for p in net_params(net)]
     net.train(x, y, 1, learning_rate=eta)
-    for p0, p1, g in zip(before, _params(net), grads):
+    for p0, p1, g in zip(before, net_params(net), grads):
         np.testing.assert_allclose(p1, p0 - eta * g, rtol=0, atol=1e-8)
 
 
