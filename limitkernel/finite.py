@@ -565,23 +565,12 @@ class FiniteNetwork:
         grads1 = self._backward(tape1, np.tile(np.eye(c), (n1, 1)).reshape(n1, c, c))
         grads2 = grads1 if tape2 is None else \
             self._backward(tape2, np.tile(np.eye(c), (n2, 1)).reshape(n2, c, c))
+        sym = tape2 is None
         theta = np.zeros((n1 * c, n2 * c))
         for (layer, a1, d1), (_, a2, d2) in zip(grads1, grads2):
-            sym = tape2 is None
-            gram_a = _gram(a1, None if sym else a2)
-            gram_a *= layer.w_mul ** 2
-            gram_a += layer.b_mul ** 2
-            d1 = d1.reshape(n1 * c, -1)
-            gram_d = _gram(d1, None if sym else d2.reshape(n2 * c, -1))
-            if c == 1:
-                gram_d *= gram_a
-            else:
-                gram_d = (gram_d.reshape(n1, c, n2, c)
-                          * gram_a[:, None, :, None]).reshape(n1 * c, n2 * c)
-            theta += gram_d
-        if c == 1:
-            return theta
-        return np.ascontiguousarray(theta.reshape(n1, c, n2, c).transpose(0, 2, 1, 3))
+            _add_layer_ntk(theta, layer, a1, None if sym else a2, d1.reshape(n1 * c, -1),
+                           None if sym else d2.reshape(n2 * c, -1), c)
+        return _by_output_pair(theta, n1, n2, c)
 
     def _backward(self, tape, delta):
         """[(dense params, input a, backward signal δ (N, r, fan_out))] for every dense
@@ -601,17 +590,8 @@ class FiniteNetwork:
         for index in range(len(self._layers) - 1, first_dense - 1, -1):
             layer = self._layers[index]
             if isinstance(layer, _DenseParams):
-                a1, a2 = cache1[index], cache2[index]
-                gram_a = _gram(a1, None if sym else a2)
-                gram_a *= layer.w_mul ** 2
-                gram_a += layer.b_mul ** 2
-                gram_d = _gram(delta1, None if sym else delta2)
-                if c == 1:
-                    gram_d *= gram_a
-                else:
-                    gram_d = (gram_d.reshape(n1, c, n2, c)
-                              * gram_a[:, None, :, None]).reshape(n1 * c, n2 * c)
-                theta += gram_d
+                _add_layer_ntk(theta, layer, cache1[index], None if sym else cache2[index],
+                               delta1, None if sym else delta2, c)
                 if index > first_dense:
                     delta1 = _mm(delta1, layer.w.T)
                     delta1 *= layer.w_mul
@@ -628,9 +608,7 @@ class FiniteNetwork:
                 else:
                     d2 = cache2[index]
                     delta2 = (delta2.reshape(n2, c, -1) * d2[:, None, :]).reshape(n2 * c, -1)
-        if c == 1:
-            return theta
-        return np.ascontiguousarray(theta.reshape(n1, c, n2, c).transpose(0, 2, 1, 3))
+        return _by_output_pair(theta, n1, n2, c)
 
     # ---------------------------------------------------------------- training
 
@@ -798,6 +776,32 @@ class FiniteNetwork:
                 g = g_in
             else:
                 g = g * cache[index]
+
+
+def _add_layer_ntk(theta, layer, a1, a2, d1, d2, c):
+    """θ += one dense layer's share: (w_mul² a·a' + b_mul²) times δ·δ' per output pair.
+
+    ``a`` (N, fan_in) are the layer's inputs, ``d`` (N·c, fan_out) its backward
+    signals, rows (example, output unit); ``a2 = d2 = None`` for x with itself.
+    """
+    gram_a = _gram(a1, a2)
+    gram_a *= layer.w_mul ** 2
+    gram_a += layer.b_mul ** 2
+    gram_d = _gram(d1, d2)
+    if c == 1:
+        gram_d *= gram_a
+    else:
+        n1, n2 = gram_a.shape
+        gram_d = (gram_d.reshape(n1, c, n2, c)
+                  * gram_a[:, None, :, None]).reshape(n1 * c, n2 * c)
+    theta += gram_d
+
+
+def _by_output_pair(theta, n1, n2, c):
+    """(N·c, M·c) → (N, M, c, c); unchanged for one output."""
+    if c == 1:
+        return theta
+    return np.ascontiguousarray(theta.reshape(n1, c, n2, c).transpose(0, 2, 1, 3))
 
 
 # ------------------------------------------------------------ networks with blocks
