@@ -479,23 +479,20 @@ class FiniteNetwork:
     def _forward(self, x, keep=False, check=True, masks=None):
         """Outputs and, with ``keep``, per layer the dense input or the activation's φ'."""
         if self._tree is not None:
-            tape = [] if keep else None
-            a = _run(self._tree, x, tape, masks or self._masks)
-            if check and not np.all(np.isfinite(a)):
-                raise FloatingPointError("the network's outputs overflow (inf or NaN); "
-                                         "lower w_std, b_std or the input scale")
-            return a, tape
-        cache = []
-        a = x
-        for layer in self._layers:
-            if isinstance(layer, _DenseParams):
-                if keep:
-                    cache.append(a)
-                a = layer(a)
-            else:
-                if keep:
-                    cache.append(layer.derivative(a))
-                a = layer.forward(a)
+            cache = [] if keep else None
+            a = _run(self._tree, x, cache, masks or self._masks)
+        else:
+            cache = []
+            a = x
+            for layer in self._layers:
+                if isinstance(layer, _DenseParams):
+                    if keep:
+                        cache.append(a)
+                    a = layer(a)
+                else:
+                    if keep:
+                        cache.append(layer.derivative(a))
+                    a = layer.forward(a)
         if check and not np.all(np.isfinite(a)):
             raise FloatingPointError("the network's outputs overflow (inf or NaN); lower "
                                      "w_std, b_std or the input scale")
