@@ -1,7 +1,17 @@
 """limitkernel: exact infinite-width NNGP and NTK kernels of fully-connected networks."""
 
 from .activations import REGISTRY as ACTIVATIONS
-from .activations import Numerical, get_activation
+from .layers import (
+    Concat,
+    Dense,
+    Dropout,
+    LayerNorm,
+    Numerical,
+    Parallel,
+    Residual,
+    get_activation,
+    mlp,
+)
 from .distributed import CGSolution, StoreError, kernel_to_store, open_store, solve_cg
 from .distributed import status as store_status
 from .experiments import (
@@ -24,19 +34,7 @@ from .predict import (
     nngp_posterior,
     predict_ensemble,
 )
-from .spec import (
-    Concat,
-    Dense,
-    Dropout,
-    LayerNorm,
-    Parallel,
-    Residual,
-    Serial,
-    SpecError,
-    mlp,
-    parse,
-    serial,
-)
+from .spec import Serial, SpecError, parse, serial
 from .torch_interop import empirical_ntk_torch, from_torch, to_torch
 
 __all__ = [

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from . import _kernels
 from . import gram as _gram
+from ._numba import sources_digest
 from .gram import KINDS, MemoryBudgetError, available_memory, prepare
 from .spec import as_spec
 
@@ -172,8 +172,7 @@ def _version():
 def _kernel_code_hash():
     """Hash of the code that computes entries, so a changed kernel never mixes."""
     digest = hashlib.sha256(_version().encode())
-    for module in (_kernels, _gram):
-        digest.update(Path(module.__file__).read_bytes())
+    digest.update(sources_digest().encode())
     return digest.hexdigest()
 
 

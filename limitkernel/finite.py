@@ -25,20 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
 
-from .activations import Activation
 from .gram import check_inputs
-from .spec import (
-    Block,
-    Concat,
-    Dense,
-    Dropout,
-    LayerNorm,
-    Parallel,
-    Residual,
-    Serial,
-    SpecError,
-    as_spec,
-)
+from .layers import Activation, Concat, Dense, Dropout, LayerNorm, Parallel, Residual
+from .spec import Block, Serial, SpecError, as_spec
 
 __all__ = ["LOSSES", "FiniteNetwork", "TrainingHistory", "limit_spec"]
 

@@ -3,7 +3,7 @@
 :func:`kernel` computes the infinite-width NNGP covariance and NTK between two
 input sets in one GEMM (x·x'ᵀ, row block by row block, written straight into the
 output) and one fused numba pass that carries every entry through all layers
-(:mod:`limitkernel._kernels`). With ``x2=None`` only the upper triangle is
+(:mod:`limitkernel._fused`). With ``x2=None`` only the upper triangle is
 computed and then mirrored.
 """
 
@@ -13,9 +13,9 @@ import warnings
 
 import numpy as np
 
-from . import _kernels as K
-from .activations import Activation, Identity, Numerical
-from .spec import Block, Concat, Dense, Dropout, LayerNorm, Residual, SpecError, as_spec
+from . import _fused
+from ._program import Program
+from .spec import as_spec
 
 __all__ = ["KINDS", "GramPlan", "Kernel", "MemoryBudgetError", "kernel", "kernel_diag",
            "prepare"]
@@ -99,256 +99,6 @@ def _format_bytes(n):
         n /= 1000.0
 
 
-# ------------------------------------------------------------ the program
-
-
-class _Op:
-    """A step of a block's program that is not a layer: SAVE, LOAD or ADD."""
-
-    def __init__(self, code, where):
-        self.code, self.where = code, where
-
-    def __str__(self):
-        return self.where
-
-
-class _Program:
-    """A spec lowered to opcodes and parameter rows for the fused pass.
-
-    Parameter rows: dense (σ_w², σ_b², α, β) with Θ ← α K + β + σ_w² Θ;
-    activations (p0, p1, p2) from ``Activation.code``; Hermite layers (index,
-    number of terms); branches and normalisation as in
-    :func:`limitkernel._kernels._branch_op`.
-
-    Blocks are flattened: a sum of branches B1 … Bk with weights w_b becomes
-    ``SAVE in, B1, SAVE acc, LOAD in, B2, ADD acc, …``; ``self.layers`` holds one
-    entry (a layer or an :class:`_Op`) per opcode. While lowering, the program
-    tracks whether the current layer is a mean-zero Gaussian (what activations
-    and layernorm need) and whether it is independent of the block input (what
-    a sum of branches needs), and says which layer breaks either.
-    """
-
-    def __init__(self, spec, n_features):
-        spec = as_spec(spec)
-        if not len(spec):
-            raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
-        last = spec.layers[-1]
-        if not isinstance(last, Dense):
-            raise SpecError(
-                f"the network must end with a dense readout layer, but its last layer "
-                f"is {last}; append ', dense'"
-            )
-        self.layers, self._rows = [], []
-        self._slots = 0
-        self._lower(spec.layers, float(n_features), 0, "", is_last=True)
-        self.ops = np.array([row[0] for row in self._rows], dtype=np.int64)
-        self.prm = np.zeros((len(self._rows), 4))
-        for index, row in enumerate(self._rows):
-            self.prm[index, :len(row) - 1] = row[1:]
-            if row[0] in (K.OP_SAVE, K.OP_LOAD):
-                self.prm[index, 1] = self._slots
-
-    def _emit(self, layer, code, *params):
-        self.layers.append(layer)
-        self._rows.append((code,) + tuple(params))
-
-    def _lower(self, layers, fan_in, depth, path, is_last=False, gaussian=True):
-        """Append the ops of ``layers``; return (fan_in, gaussian, independent)."""
-        independent = False
-        for pos, layer in enumerate(layers):
-            where = f"{path}layer {pos + 1} ({_short(layer)})"
-            if isinstance(layer, Dense):
-                w2, b2 = layer.w_std ** 2, layer.b_std ** 2
-                if layer.parameterization == "ntk":
-                    self._emit(layer, K.OP_DENSE, w2, b2, w2, b2)
-                else:
-                    self._emit(layer, K.OP_DENSE, w2, b2, fan_in, 1.0)
-                    final = is_last and pos == len(layers) - 1
-                    if layer.width is None and not final:
-                        raise SpecError(
-                            f"{where}: the standard parameterisation "
-                            "needs the layer's width for the NTK of the next dense layer; "
-                            "add width=..."
-                        )
-                fan_in = layer.width if layer.width is not None else fan_in
-                gaussian, independent = True, True
-            elif isinstance(layer, Activation):
-                identity = isinstance(layer, Identity)
-                if gaussian is not True and not identity:
-                    raise SpecError(
-                        f"{where}: an activation needs a mean-zero Gaussian input, but "
-                        f"{_why_not_gaussian(gaussian)}; put a dense layer before it"
-                    )
-                code = layer.code()
-                self._emit(layer, code[0], *code[1:])
-                if not identity:
-                    gaussian, independent = False, False
-            elif isinstance(layer, LayerNorm):
-                if gaussian is not True:
-                    raise SpecError(
-                        f"{where}: layernorm needs a mean-zero Gaussian input (its limit "
-                        f"drops the feature mean), but {_why_not_gaussian(gaussian)}; "
-                        "put a dense layer before it"
-                    )
-                self._emit(layer, K.OP_LAYERNORM, layer.eps)
-            elif isinstance(layer, Dropout):
-                self._emit(layer, K.OP_DROPOUT, 1.0 / (1.0 - layer.p))
-                if gaussian is True and layer.p > 0:
-                    gaussian = "dropout"
-            elif isinstance(layer, Block):
-                fan_in, gaussian, independent = self._lower_block(
-                    layer, fan_in, depth, where, gaussian)
-            else:
-                raise SpecError(f"{where}: {layer!r} is not supported here")
-        return fan_in, gaussian, independent
-
-    def _lower_block(self, block, fan_in, depth, where, gaussian):
-        slot_in, slot_acc = 2 * depth, 2 * depth + 1
-        self._slots = max(self._slots, slot_acc + 1)
-        if isinstance(block, Residual):
-            branches = [None, block.branches[0]]
-            weights = [block.alpha ** 2, block.beta ** 2]
-        elif isinstance(block, Concat):
-            branches, weights = list(block.branches), list(block.fractions())
-        else:
-            branches, weights = list(block.branches), [1.0] * len(block.branches)
-        results = []
-        self._emit(_Op(K.OP_SAVE, f"the input of {where}"), K.OP_SAVE, slot_in)
-        acc_row, acc_slot = len(self.layers) - 1, slot_in
-        for index, branch in enumerate(branches):
-            if branch is None:  # the skip connection of a residual block
-                results.append((fan_in, gaussian, False))
-                continue
-            if index > 0 and acc_slot != slot_in:
-                # Back to the block input (after a skip connection it is still current).
-                self._emit(_Op(K.OP_LOAD, f"{where}, branch {index + 1}"),
-                           K.OP_LOAD, slot_in)
-            label = f"{where}, branch {index + 1}: " if len(branches) > 1 and \
-                not isinstance(block, Residual) else f"{where}: "
-            results.append(self._lower(branch.layers, fan_in, depth + 1, label,
-                                       gaussian=gaussian))
-            if index == 0:
-                self._emit(_Op(K.OP_SAVE, f"{where}, branch 1"), K.OP_SAVE, slot_acc)
-                acc_row, acc_slot = len(self.layers) - 1, slot_acc
-                continue
-            wa2 = weights[0] if index == 1 else 1.0
-            self._emit(_Op(K.OP_ADD, f"the output of {where}"), K.OP_ADD, acc_slot,
-                       wa2, weights[index], acc_row)
-            if index < len(branches) - 1:
-                self._emit(_Op(K.OP_SAVE, f"{where}"), K.OP_SAVE, slot_acc)
-                acc_row, acc_slot = len(self.layers) - 1, slot_acc
-        if isinstance(block, Concat):
-            fan_in = sum(r[0] for r in results)
-            return fan_in, "concat", all(r[2] for r in results)
-        shared = [i + 1 for i, r in enumerate(results) if not r[2]]
-        if len(shared) > 1:
-            names = ("the skip connection and the branch" if isinstance(block, Residual)
-                     else "branches " + " and ".join(map(str, shared)))
-            raise SpecError(
-                f"{where}: {names} do not end with a dense layer of their own, so "
-                "their outputs are correlated and the kernel of their sum is not the "
-                "sum of their kernels; end every branch but one with a dense layer"
-            )
-        out_gaussian = True if all(r[1] is True for r in results) else "sum"
-        return results[0][0], out_gaussian, all(r[2] for r in results)
-
-    def diagonals(self, x):
-        """Square roots of the diagonals entering each layer; final K and Θ diagonals.
-
-        Returns ``(roots, nngp, ntk)`` with ``roots`` of shape (L + 1, n).
-        """
-        q = np.einsum("ij,ij->i", x, x) / x.shape[1]
-        roots = np.empty((len(self.layers) + 1, x.shape[0]))
-        roots[0] = np.sqrt(q)
-        theta = np.zeros_like(q)
-        # grad: ∂K(x, x')/∂K⁰(x, x') at x' = x, for the correlation slope chi.
-        grad = np.ones_like(q)
-        stash = {}
-        for index, layer in enumerate(self.layers):
-            code = self.ops[index]
-            w2, b2, alpha, beta = self.prm[index]
-            if isinstance(layer, Dense):
-                theta = alpha * q + beta + w2 * theta
-                q = w2 * q + b2
-                grad = w2 * grad
-            elif code == K.OP_SAVE:
-                stash[int(w2)] = (q, theta, grad)
-            elif code == K.OP_LOAD:
-                q, theta, grad = stash[int(w2)]
-            elif code == K.OP_ADD:
-                aq, at, ag = stash[int(w2)]
-                q, theta = b2 * aq + alpha * q, b2 * at + alpha * theta
-                grad = b2 * ag + alpha * grad
-            elif code == K.OP_LAYERNORM:
-                den = q + w2
-                inv = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0)
-                q, theta, grad = q * inv, theta * inv, grad * inv
-            elif code == K.OP_DROPOUT:
-                q, theta = q * w2, theta * w2
-            else:
-                q, kd = layer.diag(q)
-                theta = theta * kd
-                grad = grad * kd
-            if not np.all(np.isfinite(q)) or not np.all(np.isfinite(theta)):
-                raise FloatingPointError(
-                    f"the kernel overflows at layer {index + 1} ({layer}): variances reach "
-                    f"{float(np.max(q)):.3g}; lower w_std, b_std or the input scale"
-                )
-            roots[index + 1] = np.sqrt(q)
-        with np.errstate(all="ignore"):
-            slope = grad * roots[0] ** 2 / q
-        slope = slope[np.isfinite(slope) & (q > 0)]
-        # The network's correlation slope dρ_out/dρ_in at ρ = 1 (the mean-field χ
-        # of the whole stack): < 1 ordered, > 1 chaotic.
-        self.chi = float(np.median(slope)) if slope.size else None
-        return roots, q, theta
-
-    def hermite_tables(self, roots):
-        """Hermite coefficients of every numerical layer, for the given inputs.
-
-        Returns a list with one ``(coef, dcoef)`` pair of (n, T) arrays per
-        numerical layer and records the layer's table index and T in ``prm``.
-        Row and column tables (two calls, for x1 and x2) must cut each series
-        after the same T for the tail bound to hold, so every call raises T to
-        the largest yet chosen on this program and recomputes, in place, the
-        tables of earlier calls that are shorter.
-        """
-        calls = self.__dict__.setdefault("_hermite_calls", [])
-        tables = []
-        for index, layer in enumerate(self.layers):
-            if isinstance(layer, Numerical):
-                self.prm[index, 0] = len(tables)
-                tables.append(layer.coefficients(roots[index] ** 2))
-        calls.append((roots, tables))
-        slot = 0
-        for index, layer in enumerate(self.layers):
-            if isinstance(layer, Numerical):
-                terms = max(t[slot][0].shape[1] for _, t in calls)
-                for past_roots, past in calls:
-                    if past[slot][0].shape[1] < terms:
-                        past[slot] = layer.coefficients(past_roots[index] ** 2, terms=terms)
-                self.prm[index, 1] = terms
-                slot += 1
-        return tables
-
-
-def _short(layer):
-    """A layer's text, cut short for messages about blocks."""
-    text = str(layer)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _why_not_gaussian(state):
-    return {
-        False: "its input is the output of an activation",
-        "dropout": "its input has gone through dropout (each unit is a mixture)",
-        "concat": "its input is a concatenation (its units have different "
-                  "covariances)",
-        "sum": "its input is a sum with a non-Gaussian term (a skip connection "
-               "or branch that does not end with a dense layer)",
-    }.get(state, "its input is not Gaussian")
-
-
 def _stack_tables(tables, n, transpose):
     terms = max([t[0].shape[1] for t in tables], default=1)
     shape = (max(len(tables), 1),) + ((terms, n) if transpose else (n, terms))
@@ -417,7 +167,7 @@ class GramPlan:
     """
 
     def __init__(self, spec, x1, x2, kinds, dtype):
-        program = _Program(spec, x1.shape[1])
+        program = Program(spec, x1.shape[1])
         self.kinds, self.dtype = kinds, dtype
         self.symmetric = x2 is None
         self.want_ntk = "ntk" in kinds
@@ -432,8 +182,8 @@ class GramPlan:
         self.rows = _Side(x1, x1n, roots1, *_stack_tables(tables1, len(x1), False), 1)
         x2 = x1 if self.symmetric else x2
         self.cols = _Side(x2, x2n, roots2, *_stack_tables(tables2, len(x2), True), 2)
-        self.ops, self.prm = program.ops, program.prm
-        self.chi = getattr(program, "chi", None)
+        self.codes, self.prm = program.codes, program.prm
+        self.chi = program.chi
         self.shape = (len(x1), len(x2))
 
     def block(self, rows, cols, r0, r1, c0, c1, buffer, k_out, t_out, sym):
@@ -446,9 +196,13 @@ class GramPlan:
         """
         dest = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
         np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=dest)
-        K.gram_block(dest, k_out, t_out, r0, c0, sym, self.scale, rows.xn, cols.xn,
-                     rows.roots, cols.roots, self.ops, self.prm, rows.h, cols.h,
-                     rows.hd, cols.hd, self.want_ntk)
+        status = np.full(1, -1, dtype=np.int64)
+        _fused.gram_block(dest, k_out, t_out, r0, c0, sym, self.scale, rows.xn, cols.xn,
+                          rows.roots, cols.roots, self.codes, self.prm, rows.h, cols.h,
+                          rows.hd, cols.hd, status, self.want_ntk)
+        if status[0] >= 0:
+            raise RuntimeError(f"the fused pass has no kernel for opcode {status[0]}; "
+                               "every op kind must be dispatched in limitkernel._fused")
 
     def tile(self, r0, r1, c0, c1):
         """The Gram matrices on rows r0:r1 and columns c0:c1.
@@ -473,7 +227,7 @@ class GramPlan:
         for kind in self.kinds:
             out, diag = outs[kind]
             if on_diag:
-                K.mirror_upper(out)
+                _fused.mirror_upper(out)
             if self.symmetric:
                 lo, hi = max(r0, c0), min(r1, c1)
                 idx = np.arange(lo, hi)
@@ -561,10 +315,10 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         plan.block(plan.rows, plan.cols, r0, r1, r0 if sym else 0, m, buffer,
                    k_out, t_out, sym)
     if sym:
-        K.mirror_upper(k_out)
+        _fused.mirror_upper(k_out)
         np.fill_diagonal(k_out, plan.nngp_diag)
         if plan.want_ntk:
-            K.mirror_upper(t_out)
+            _fused.mirror_upper(t_out)
             np.fill_diagonal(t_out, plan.ntk_diag)
     out = {"nngp": k_out, "ntk": t_out}
     result = {kind: out[kind] for kind in plan.kinds}
@@ -577,7 +331,7 @@ def kernel_diag(spec, x, get=KINDS):
     """The diagonals K(x, x) and Θ(x, x) only, in O(n·d) time."""
     kinds = _check_get(get)
     x = check_inputs(x, "x")
-    _, nngp, ntk = _Program(spec, x.shape[1]).diagonals(x)
+    _, nngp, ntk = Program(spec, x.shape[1]).diagonals(x)
     out = {"nngp": nngp, "ntk": ntk}
     return {kind: out[kind] for kind in kinds}
 
@@ -618,7 +372,7 @@ def _progress(blocks, n, rows):
 def _warn_if_degenerate(kind, value, chi=None):
     """Warn when a kernel cannot tell its inputs apart, and say why.
 
-    ``chi`` is the network's correlation slope at ρ = 1 (:attr:`_Program.chi`):
+    ``chi`` is the network's correlation slope at ρ = 1 (:attr:`Program.chi`):
     below 1 the layers pull all inputs together (ordered phase, ρ → 1), above 1
     they push every pair to one common correlation (chaotic phase).
     """

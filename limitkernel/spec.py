@@ -1,8 +1,12 @@
-"""Architecture description: layers, the text and JSON forms, validation.
+"""Architecture description: the layer protocol, the registry, text and JSON forms.
 
-A spec is a :class:`Serial` of layers. Every layer maps the kernel state of a
-pair of inputs to the kernel state of the next layer; :mod:`limitkernel.gram`
-turns a spec into one fused per-entry pass over the Gram matrix.
+A spec is a :class:`Serial` of layers. Each layer *kind* is one class, defined
+with everything that layer is in one module of :mod:`limitkernel.layers`: its
+name and parameters (here, through :class:`Layer`), how it lowers into the
+program that the kernels and finite networks run, its diagonal update, its
+per-entry kernel and its finite-network forward and backward. This module owns
+the registry of layer names (:func:`register`) and knows no layer kind itself,
+so nothing it imports depends on the layers.
 
 The text form reads like the network::
 
@@ -27,25 +31,36 @@ import math
 from typing import ClassVar
 
 __all__ = [
+    "PARAMETERIZATIONS",
+    "REGISTRY",
     "Block",
-    "Concat",
-    "Dense",
-    "Dropout",
     "Layer",
-    "LayerNorm",
-    "Parallel",
-    "Residual",
     "Serial",
     "SpecError",
     "as_spec",
     "from_json",
-    "mlp",
+    "layer_from_name",
     "parse",
+    "register",
     "serial",
     "to_json",
 ]
 
 PARAMETERIZATIONS = ("ntk", "standard")
+
+# Layer name -> class, filled by :func:`register` as the layer modules load
+# (``import limitkernel`` loads them all).
+REGISTRY = {}
+
+
+def register(cls):
+    """Class decorator: make a layer kind known to the parser by its ``name``
+    (and its ``aliases``)."""
+    for name in (cls.name, *getattr(cls, "aliases", ())):
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise RuntimeError(f"layer name {name!r} is registered twice")
+        REGISTRY[name] = cls
+    return cls
 
 
 class SpecError(ValueError):
@@ -53,14 +68,18 @@ class SpecError(ValueError):
 
 
 class Layer:
-    """A layer of a fully-connected network, described by its parameters.
+    """A layer, described by its parameters.
 
     Subclasses set ``name`` (the word used in the text form) and
-    ``defaults`` (parameter name -> default value, in text-form order).
+    ``defaults`` (parameter name -> default value, in text-form order). A layer
+    kind also implements the protocol that :mod:`limitkernel.layers` documents
+    (``lower`` and what its ops need); the spec itself only stores, checks,
+    compares and prints parameters.
     """
 
     name = None
     defaults: ClassVar[dict] = {}
+    takes_branches = False
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.defaults))
@@ -116,88 +135,11 @@ class Layer:
         return {"layer": self.name, **self.params}
 
 
-class Dense(Layer):
-    """Fully-connected layer ``z = W x + b`` (the readout is one too).
-
-    Parameters
-    ----------
-    w_std, b_std : float
-        Weight and bias scales σ_w, σ_b.
-    parameterization : {"ntk", "standard"}
-        "ntk": ``z = σ_w/√n · W x + σ_b · b`` with W, b ~ N(0, 1) (default).
-        "standard": W ~ N(0, σ_w²/n), b ~ N(0, σ_b²); the NTK then depends on
-        the input width n of the layer, which the previous dense layer's
-        ``width`` (or the input dimension, for the first) supplies.
-    width : float or None
-        Output width of this layer; needed only by the "standard"
-        parameterisation, for the next dense layer's NTK.
-    """
-
-    name = "dense"
-    defaults: ClassVar[dict] = {"w_std": 1.0, "b_std": 0.0, "parameterization": "ntk", "width": None}
-
-    def __init__(self, w_std=1.0, b_std=0.0, parameterization="ntk", width=None):
-        super().__init__(
-            w_std=w_std, b_std=b_std, parameterization=parameterization, width=width
-        )
-        if self.w_std < 0 or self.b_std < 0:
-            raise SpecError(
-                f"dense: w_std and b_std are standard deviations and must be >= 0, "
-                f"got w_std={self.w_std}, b_std={self.b_std}"
-            )
-        if self.parameterization not in PARAMETERIZATIONS:
-            raise SpecError(
-                f"dense: parameterization must be 'ntk' or 'standard', "
-                f"got {self.parameterization!r}"
-            )
-        if self.width is not None and (self.width < 1 or self.width != int(self.width)):
-            raise SpecError(f"dense: width must be a positive integer, got {self.width}")
-
-
-class LayerNorm(Layer):
-    """Normalisation over the features: ``(z - mean(z)) / √(var(z) + eps)``.
-
-    In the limit the feature mean of a zero-mean Gaussian layer vanishes and its
-    variance is the diagonal K(x, x), so K(x, x') ← K(x, x')/√((q11 + ε)(q22 + ε))
-    and Θ likewise (Neural Tangents' ``LayerNorm(eps=1e-12)`` on a fully-connected
-    layer). Its input must be a mean-zero Gaussian layer (after a dense layer).
-    """
-
-    name = "layernorm"
-    defaults: ClassVar[dict] = {"eps": 1e-12}
-
-    def __init__(self, eps=1e-12):
-        super().__init__(eps=eps)
-        if self.eps < 0:
-            raise SpecError(f"layernorm: eps must be >= 0, got {self.eps}")
-
-
-class Dropout(Layer):
-    """Dropout in training mode: each unit is zeroed with probability ``p`` and the
-    others scaled by 1/(1 - p), independently for every input.
-
-    In the limit only the variance of an input with itself changes:
-    K(x, x) ← K(x, x)/(1 - p), and likewise Θ(x, x); entries between different
-    inputs are unchanged. Neural Tangents' ``Dropout(rate=1 - p, mode="train")``
-    (its ``rate`` is the keep rate). As there, only the kernel of an input set
-    with itself (``x2=None``) has its diagonal scaled: two input sets are
-    different examples, so their masks are independent.
-    """
-
-    name = "dropout"
-    defaults: ClassVar[dict] = {"p": 0.5}
-
-    def __init__(self, p=0.5):
-        super().__init__(p=p)
-        if not 0.0 <= self.p < 1.0:
-            raise SpecError(f"dropout: p is the probability to drop a unit and must be "
-                            f"in [0, 1), got {self.p}")
-
-
 class Block(Layer):
     """A layer made of branches, each a :class:`Serial` applied to the block input."""
 
     n_branches = None  # exact number of branches, or None for two or more
+    takes_branches = True
 
     def __init__(self, branches, **params):
         super().__init__(**params)
@@ -218,6 +160,11 @@ class Block(Layer):
                                 "'identity' for a branch that passes its input on")
         self.branches = tuple(branches)
 
+    @classmethod
+    def from_branches(cls, branches, **params):
+        """The block with these branches (a list of specs) and parameters."""
+        return cls(*branches, **params)
+
     def __eq__(self, other):
         return super().__eq__(other) and self.branches == other.branches
 
@@ -233,95 +180,6 @@ class Block(Layer):
     def to_dict(self):
         return {**super().to_dict(),
                 "branches": [b.to_dict()["layers"] for b in self.branches]}
-
-
-class Residual(Block):
-    """``α·x + β·f(x)`` for a branch f (a skip connection).
-
-    The branch must end with a dense layer of its own (optionally followed by
-    layernorm or dropout), so that f(x) is independent of x in the limit; then
-    K ← α² K + β² K_f and Θ ← α² Θ + β² Θ_f, the cross terms having mean zero.
-    """
-
-    name = "residual"
-    defaults: ClassVar[dict] = {"alpha": 1.0, "beta": 1.0}
-    n_branches = 1
-
-    def __init__(self, branch, alpha=1.0, beta=1.0):
-        super().__init__([branch], alpha=alpha, beta=beta)
-
-
-class Parallel(Block):
-    """The sum of two or more branches applied to the same input (fan-out, sum).
-
-    All branches but at most one must end with a dense layer of their own, so
-    that the branch outputs are independent and the kernels add (Neural
-    Tangents' ``serial(FanOut(k), parallel(...), FanInSum())``).
-    """
-
-    name = "parallel"
-    defaults: ClassVar[dict] = {}
-
-    def __init__(self, *branches):
-        super().__init__(branches)
-
-
-class Concat(Block):
-    """The concatenation of two or more branches along the features.
-
-    A layer that reads the concatenation sees the average of the branch kernels
-    weighted by the branches' shares of the width, ``widths`` (relative sizes,
-    default equal): K ← Σ_b w_b K_b / Σ_b w_b, and Θ likewise, as Neural
-    Tangents' ``FanInConcat`` does with the branches' channel counts. The units
-    of different branches have different covariances, so what follows must be a
-    dense layer (or layers that keep it linear: identity, dropout).
-    """
-
-    name = "concat"
-    defaults: ClassVar[dict] = {"widths": None}
-
-    def __init__(self, *branches, widths=None):
-        super().__init__(branches, widths=widths)
-        if self.widths is not None and len(self.widths) != len(self.branches):
-            raise SpecError(
-                f"concat: widths gives {len(self.widths)} values for "
-                f"{len(self.branches)} branches; give one per branch, e.g. "
-                f"widths={':'.join(['1'] * len(self.branches))}"
-            )
-
-    def _check(self, key, value):
-        if key != "widths" or value is None:
-            return super()._check(key, value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = (value,)
-        try:
-            values = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise SpecError(f"concat: widths must be numbers, one per branch, "
-                            f"got {value!r}") from None
-        if not all(math.isfinite(v) and v > 0 for v in values):
-            raise SpecError(f"concat: widths must be positive, got {value!r}")
-        return values
-
-    def fractions(self):
-        """Each branch's share of the concatenated width."""
-        widths = self.widths or (1.0,) * len(self.branches)
-        total = math.fsum(widths)
-        return tuple(w / total for w in widths)
-
-
-BLOCKS = {cls.name: cls for cls in (Residual, Parallel, Concat)}
-OTHER_LAYERS = {cls.name: cls for cls in (Dense, LayerNorm, Dropout)}
-
-
-def _make_block(name, branches, params):
-    cls = BLOCKS[name]
-    if cls is Residual:
-        if len(branches) != 1:
-            raise SpecError(f"residual takes one branch, got {len(branches)}; for a "
-                            "sum of several branches use parallel[...; ...]")
-        return Residual(branches[0], **params)
-    return cls(*branches, **params)
 
 
 class Serial:
@@ -367,25 +225,6 @@ def serial(*layers):
     return Serial(layers)
 
 
-def mlp(depth, activation="relu", w_std=1.0, b_std=0.0, parameterization="ntk",
-        width=None):
-    """The common MLP: ``depth`` hidden [dense, activation] pairs and a dense readout.
-
-    ``activation`` is a name (``"relu"``, ``"erf"``...) or an activation layer.
-    """
-    from .activations import get_activation
-
-    if int(depth) != depth or depth < 0:
-        raise SpecError(f"mlp: depth must be a non-negative integer, got {depth!r}")
-    act = get_activation(activation) if isinstance(activation, str) else activation
-
-    def dense():
-        return Dense(w_std, b_std, parameterization, width)
-
-    hidden = [layer for _ in range(int(depth)) for layer in (dense(), act)]
-    return Serial(hidden + [Dense(w_std, b_std, parameterization, None)])
-
-
 def as_spec(spec):
     """Accept a Serial, a single layer, a list of layers, or the text form."""
     if isinstance(spec, Serial):
@@ -404,30 +243,32 @@ def as_spec(spec):
     )
 
 
+def _blocks():
+    return sorted(name for name, cls in REGISTRY.items() if cls.takes_branches)
+
+
 def layer_from_name(name, params, where="", branches=None):
     """Build the layer called ``name`` with keyword ``params`` (and ``branches``,
     a list of specs, for the blocks residual, parallel and concat)."""
-    from .activations import REGISTRY
-
-    cls = OTHER_LAYERS.get(name) or BLOCKS.get(name) or REGISTRY.get(name)
+    cls = REGISTRY.get(name)
     if cls is not None:
         unknown = sorted(set(params) - set(cls.defaults))
         if unknown:
             raise SpecError(f"{name}: unknown parameter {unknown[0]!r}{where}; "
                             f"it takes {_describe_params(cls.defaults)}")
-        if name in BLOCKS:
+        if cls.takes_branches:
             if branches is None:
                 raise SpecError(f"{name}{where} needs its branches in brackets, e.g. "
                                 f"'{name}[dense, relu, dense]'"
-                                + ("" if name == "residual" else
+                                + ("" if cls.n_branches == 1 else
                                    f" or '{name}[relu, dense; erf, dense]'"))
-            return _make_block(name, branches, params)
+            return cls.from_branches(branches, **params)
         if branches is not None:
             raise SpecError(f"{name}{where} takes no branches; only "
-                            f"{', '.join(sorted(BLOCKS))} do")
+                            f"{', '.join(_blocks())} do")
         return cls(**params)
-    known = sorted(OTHER_LAYERS) + sorted(BLOCKS) + sorted(REGISTRY)
-    ranked = sorted(known, key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio())
+    ranked = sorted(sorted(REGISTRY),
+                    key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio())
     raise SpecError(
         f"unknown layer {name!r}{where}; known, closest first: {', '.join(ranked)}"
     )
@@ -592,9 +433,9 @@ class _Parser:
             self.pos += 1
         branches = None
         if self.peek() == "[":
-            if name not in BLOCKS:
+            if name not in REGISTRY or not REGISTRY[name].takes_branches:
                 self.fail(f"',' after {name!r} ('[' follows only "
-                          f"{', '.join(sorted(BLOCKS))})")
+                          f"{', '.join(_blocks())})")
             self.pos += 1
             branches = [Serial(self.spec("];"))]
             while self.peek() == ";":

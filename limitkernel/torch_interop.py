@@ -28,10 +28,11 @@ import warnings
 
 import numpy as np
 
-from .spec import Concat as _ConcatSpec
-from .spec import Dense, Dropout, LayerNorm, SpecError, as_spec
-from .spec import Parallel as _ParallelSpec
-from .spec import Residual as _ResidualSpec
+from .layers import Concat as _ConcatSpec
+from .layers import Dense, Dropout, LayerNorm, get_activation
+from .layers import Parallel as _ParallelSpec
+from .layers import Residual as _ResidualSpec
+from .spec import SpecError, as_spec
 
 # The module classes are defined on first use (see __getattr__).
 __all__ = [
@@ -267,8 +268,6 @@ def _convert(module, where, w_std, b_std, training):
 
 
 def _activation(name, **params):
-    from .activations import get_activation
-
     return get_activation(name, **params)
 
 

@@ -17,15 +17,8 @@ independent mask for every row of the batch, so a row is one example.
 import numpy as np
 from scipy.special import erf
 
-from limitkernel.spec import (
-    Concat,
-    Dense,
-    Dropout,
-    LayerNorm,
-    Parallel,
-    Residual,
-    as_spec,
-)
+from limitkernel.layers import Concat, Dense, Dropout, LayerNorm, Parallel, Residual
+from limitkernel.spec import as_spec
 
 _PHI = {
     "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(float)),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import limitkernel as lk
-from limitkernel import _kernels as K
+from limitkernel.layers import _angle as K
 from limitkernel.activations import get_activation
 
 EPS = np.finfo(float).eps
@@ -344,7 +344,7 @@ def test_arccos_integrals_match_mpmath(k):
         jk0 = j_ref(k, 0.0)
         for theta in thetas:
             half = math.sin(0.5 * theta)
-            got = K._arccos_j(k, theta, math.sin(theta), math.cos(theta), 2.0 * half * half)
+            got = K.arccos_j(k, theta, math.sin(theta), math.cos(theta), 2.0 * half * half)
             jk, jk_prev = j_ref(k, theta), j_ref(k - 1, theta)
             ctx = f"k={k}, theta={theta!r}"
             assert abs(got[0] - float(jk)) <= 8 * EPS * float(jk0), ctx

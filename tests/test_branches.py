@@ -21,18 +21,8 @@ import pytest
 
 import limitkernel as lk
 from limitkernel.gram import DegenerateKernelWarning
-from limitkernel.spec import (
-    Concat,
-    Dense,
-    Dropout,
-    LayerNorm,
-    Parallel,
-    Residual,
-    SpecError,
-    from_json,
-    parse,
-    to_json,
-)
+from limitkernel.layers import Concat, Dense, Dropout, LayerNorm, Parallel, Residual
+from limitkernel.spec import SpecError, from_json, parse, to_json
 
 # ------------------------------------------------------------------ syntax
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import limitkernel as lk
-from limitkernel import activations as A
-from limitkernel.gram import _Program
+from limitkernel.layers import numerical as A
+from limitkernel._program import Program as _Program
 
 # ---------------------------------------------------------------- references
 
@@ -159,13 +159,13 @@ def test_callable_without_derivative_matches_builtin_tanh():
 def test_callable_with_derivative_is_the_builtin():
     q = np.linspace(0.0, 3.0, 31)
     user = lk.Numerical(fn=np.tanh, dfn=A._sech2, name="tanh2")
-    for mine, theirs in zip(user.coefficients(q), A.REGISTRY["tanh"]().coefficients(q)):
+    for mine, theirs in zip(user.coefficients(q), lk.ACTIVATIONS["tanh"]().coefficients(q)):
         np.testing.assert_array_equal(mine, theirs)
 
 
 def test_finite_difference_derivative_respects_a_kink_at_zero():
     """ELU without φ': one-sided stencils near 0 keep the error at rounding level."""
-    elu = A.REGISTRY["elu"]()
+    elu = lk.ACTIVATIONS["elu"]()
     fd = A._FiniteDifference(elu.forward)
     x = np.concatenate([np.linspace(-3, 3, 2001), [-1e-9, 1e-9, 0.0]])
     exact = elu.derivative(x)
@@ -212,7 +212,7 @@ def test_kinked_activations_match_polar_quadrature(name, make, stated):
         x2 = np.array([[math.sqrt(2 * q22) * rho, math.sqrt(2 * q22) * math.sin(theta)]])
         got = lk.kernel(f"dense, {name}, dense", x1, x2)
         q12 = float(x1[0] @ x2[0]) / 2
-        layer = A.REGISTRY[name]()
+        layer = lk.ACTIVATIONS[name]()
         bound = layer.error_bound(np.array([q11, q22]))
         e11, d11 = layer.diag(np.array([q11]))
         e22, d22 = layer.diag(np.array([q22]))
@@ -225,13 +225,13 @@ def test_kinked_activations_match_polar_quadrature(name, make, stated):
 
 
 def test_truncation_warning_states_the_bound():
-    layer = A.REGISTRY["elu"](tol=1e-10)
+    layer = lk.ACTIVATIONS["elu"](tol=1e-10)
     with pytest.warns(A.SeriesTruncationWarning, match=r"error is at most .* \(NTK"):
         bound = layer.error_bound(np.array([1.0, 2.0]))
     assert bound["terms"] == 400 and 1e-10 < bound["dphi"] < 1e-3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ok = A.REGISTRY["tanh"]().error_bound(np.array([0.5, 2.0]))
+        ok = lk.ACTIVATIONS["tanh"]().error_bound(np.array([0.5, 2.0]))
     assert ok["phi"] <= 1e-12 and ok["dphi"] <= 1e-12 and ok["terms"] < 400
 
 
@@ -241,7 +241,7 @@ def test_truncation_warning_states_the_bound():
 @pytest.mark.parametrize("name", ["tanh", "softplus", "silu", "elu", "softsign"])
 def test_coefficients_against_a_finer_wider_rule(name):
     """L = 14 and the adaptive node count against 4× the nodes on [−42, 42]."""
-    layer = A.REGISTRY[name]()
+    layer = lk.ACTIVATIONS[name]()
     q = np.array([0.0, 0.05, 0.7, 2.25, 6.0])
     coef, dcoef = layer.coefficients(q, terms=400)
     for fn, got in ((layer._fn, coef), (layer._dfn, dcoef)):
@@ -263,17 +263,17 @@ def test_legendre_rule_to_rounding():
 def test_stein_identity_links_the_two_tables(name):
     """a'_k(q) = √(k+1) a_{k+1}(q) / √q: φ''s table agrees with φ's."""
     q = np.array([0.3, 1.0, 2.5])
-    coef, dcoef = A.REGISTRY[name]().coefficients(q, terms=120)
+    coef, dcoef = lk.ACTIVATIONS[name]().coefficients(q, terms=120)
     k = np.arange(119)
     stein = np.sqrt(k + 1) * coef[:, 1:] / np.sqrt(q)[:, None]
     np.testing.assert_allclose(dcoef[:, :119], stein, rtol=0, atol=2e-14)
 
 
 def test_odd_and_even_parts_are_exact_zeros():
-    coef, dcoef = A.REGISTRY["tanh"]().coefficients(np.array([0.5, 2.0]))
+    coef, dcoef = lk.ACTIVATIONS["tanh"]().coefficients(np.array([0.5, 2.0]))
     assert np.all(coef[:, 0::2] == 0.0) and np.all(dcoef[:, 1::2] == 0.0)
     assert np.all(coef[:, 1::2] != 0.0)
-    coef, _ = A.REGISTRY["silu"]().coefficients(np.array([1.0]))
+    coef, _ = lk.ACTIVATIONS["silu"]().coefficients(np.array([1.0]))
     assert np.all(coef[0, :6] != 0.0)
 
 

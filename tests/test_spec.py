@@ -6,7 +6,8 @@ import pytest
 
 import limitkernel as lk
 from limitkernel.activations import REGISTRY
-from limitkernel.spec import Dense, SpecError, from_json, parse, to_json
+from limitkernel.layers import Dense
+from limitkernel.spec import SpecError, from_json, parse, to_json
 
 ISSUE_SPECS = [
     "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.05)",

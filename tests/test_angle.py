@@ -6,7 +6,7 @@ import mpmath
 import numpy as np
 from numba import njit
 
-from limitkernel import _kernels as K
+from limitkernel.layers import _angle as K
 
 mpmath.mp.dps = 40
 
@@ -15,9 +15,9 @@ mpmath.mp.dps = 40
 def _angles(c):
     out = np.empty((c.shape[0], 2))
     for i in range(c.shape[0]):
-        theta, sin_t, cos_t = K._angle(c[i])
+        theta, sin_t, cos_t = K.angle(c[i])
         out[i, 0] = theta
-        out[i, 1] = K._sin_minus_theta_cos(theta, sin_t, cos_t)
+        out[i, 1] = K.sin_minus_theta_cos(theta, sin_t, cos_t)
     return out
 
 
@@ -47,7 +47,7 @@ def test_atan_polynomial_over_all_octants():
     def many(y, x):
         out = np.empty(y.shape[0])
         for i in range(y.shape[0]):
-            out[i] = K._atan2_upper(y[i], x[i])
+            out[i] = K.atan2_upper(y[i], x[i])
         return out
 
     rng = np.random.default_rng(1)

@@ -1,0 +1,192 @@
+"""The fused pass: every Gram entry carried through every op of a program, by rows.
+
+Everything here computes; nothing validates. :mod:`limitkernel.gram` checks the
+inputs, fixes dtypes and layouts, and calls :func:`gram_block` with
+preallocated outputs.
+
+The state of one Gram entry (x, x') between ops is
+
+* ``q12`` — the covariance K(x, x') of the current layer,
+* ``one_minus_rho`` — ``1 - ρ`` with ``ρ = q12 / sqrt(q11 q22)``, carried
+  *separately and accurately*: for nearly identical inputs ``1 - ρ`` is far
+  below the rounding error of ``q12``, and every closed form that depends on the
+  angle ``θ = arccos ρ`` (ReLU and its relatives) needs it to full relative
+  precision;
+* ``ntk`` — the NTK Θ(x, x').
+
+The diagonals ``q11``, ``q22`` of every op are computed once per input set
+(:meth:`limitkernel._program.Program.diagonals`) and read here as their roots.
+The pass works one output row at a time: each op is a simple loop over the
+row's entries (a row kernel, defined beside its layer kind in
+:mod:`limitkernel.layers`), which the compiler vectorises, and the only buffers
+are a few rows.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._numba import jit, jit_parallel
+from .layers.activations import (
+    OP_ABRELU,
+    OP_ERF,
+    OP_EXP,
+    OP_GAUSSIAN,
+    OP_GELU,
+    OP_RELU_POW,
+    OP_SIGN,
+    OP_STEP,
+    OP_TRIG,
+    abrelu_row,
+    erf_row,
+    exp_row,
+    gaussian_row,
+    gelu_row,
+    relu_pow_row,
+    sign_row,
+    step_row,
+    trig_row,
+)
+from .layers.blocks import OP_ADD, OP_LOAD, OP_SAVE, stash_op
+from .layers.dense import OP_DENSE, dense_row
+from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layernorm_row
+from .layers.numerical import OP_HERMITE, hermite_row
+
+__all__ = ["DISPATCHED", "NEAR_DUPLICATE", "gram_block", "init_row", "mirror_upper"]
+
+# Every opcode the pass below runs; an op it does not know leaves its code in
+# ``status`` and :mod:`limitkernel.gram` refuses the result.
+DISPATCHED = (OP_DENSE, OP_ABRELU, OP_STEP, OP_SIGN, OP_RELU_POW, OP_ERF, OP_GELU,
+              OP_TRIG, OP_GAUSSIAN, OP_EXP, OP_HERMITE, OP_SAVE, OP_LOAD, OP_ADD,
+              OP_LAYERNORM, OP_DROPOUT)
+
+# Below this value of 1 - ρ, the input correlation is recomputed from the
+# difference of the normalised inputs rather than from the Gram matrix entry,
+# whose rounding error (~1e-16 relative) would dominate 1 - ρ.
+NEAR_DUPLICATE = 1e-3
+
+
+@jit
+def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, sym):
+    """Input layer: q12 = x·x'/d from the GEMM, and an accurate 1 - ρ."""
+    n = q12.shape[0]
+    for j in range(n):
+        q = q12[j] * scale
+        q12[j] = q
+        norm = s1 * s2[j]
+        one_minus_rho[j] = 1.0 - q / norm if norm > 0.0 else 1.0
+    d = x1n.shape[1]
+    for j in range(n):
+        if one_minus_rho[j] < NEAR_DUPLICATE:
+            # 1 - ρ = |x̂ - x̂'|² / 2 for unit vectors x̂, x̂': no cancellation.
+            acc = 0.0
+            for k in range(d):
+                diff = x1n[i, k] - x2n[j0 + j, k]
+                acc += diff * diff
+            one_minus_rho[j] = 0.5 * acc
+    if sym and j0 == i:
+        one_minus_rho[0] = 0.0
+        q12[0] = s1 * s1
+
+
+@jit_parallel
+def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, roots1, roots2,
+               codes, prm, h1, h2, hd1, hd2, status, want_ntk):
+    """Fill rows r0 .. r0 + len(g) of the outputs, columns c0 .. c0 + g.shape[1].
+
+    ``g[ii, jj]`` holds x_{r0+ii} · x'_{c0+jj} (unscaled) on entry (a scratch
+    buffer, overwritten). ``roots1[l], roots2[l]`` are the square roots of the
+    diagonals entering op l (row l = 0 is the input layer). With ``sym`` only
+    the entries with column >= row are computed. ``h1[m]`` (N, terms) and
+    ``h2[m]`` (terms, M) hold the Hermite coefficients of the m-th numerical
+    layer for rows and columns, ``hd1``, ``hd2`` those of its derivative.
+    ``status[0]`` receives the code of an op this pass does not know (-1 if none).
+    """
+    nb, m = g.shape
+    n_ops = codes.shape[0]
+    for step in prange(nb):
+        # With ``sym``, row lengths fall from m to m - nb; taking rows from both
+        # ends in turn gives each thread's contiguous chunk of steps equal work.
+        k = np.int64(step)
+        half = k // 2
+        paired = half if k % 2 == 0 else nb - 1 - half
+        ii = paired if sym else k
+        i = r0 + ii
+        start = min(max(i - c0, 0), m) if sym else 0
+        n = m - start
+        j0 = c0 + start
+        q12 = np.empty(n)
+        one_minus_rho = np.empty(n)
+        ntk = np.zeros(n)
+        for jj in range(n):
+            q12[jj] = g[ii, start + jj]
+        init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, roots1[0, i],
+                 roots2[0, j0:j0 + n], sym)
+        rho = np.empty(0)
+        acc = np.empty(0)
+        stash = np.empty((0, 0))
+        for layer in range(n_ops):
+            code = codes[layer]
+            p = prm[layer]
+            r11 = roots1[layer, i]
+            r22 = roots2[layer, j0:j0 + n]
+            n11 = roots1[layer + 1, i]
+            n22 = roots2[layer + 1, j0:j0 + n]
+            if code == OP_DENSE:
+                dense_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_ABRELU:
+                abrelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_STEP:
+                step_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_SIGN:
+                sign_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_RELU_POW:
+                relu_pow_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_TRIG:
+                trig_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_EXP:
+                exp_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_ERF:
+                erf_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_GELU:
+                gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_GAUSSIAN:
+                gaussian_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_LAYERNORM:
+                layernorm_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+            elif code == OP_DROPOUT:
+                dropout_row(q12, one_minus_rho, ntk, p[0], sym and j0 == i, want_ntk)
+            elif code == OP_HERMITE:
+                if rho.shape[0] < n:
+                    rho = np.empty(n)
+                    acc = np.empty(n)
+                h = int(p[0])
+                hermite_row(q12, one_minus_rho, ntk, n11, n22, h1[h, i],
+                            h2[h, :, j0:j0 + n], hd1[h, i], hd2[h, :, j0:j0 + n],
+                            int(p[1]), rho[:n], acc[:n], want_ntk)
+            elif code == OP_SAVE or code == OP_LOAD or code == OP_ADD:
+                stash = stash_op(code, q12, one_minus_rho, ntk, stash, layer, i, j0,
+                                 roots1, roots2, p, want_ntk)
+            else:
+                status[0] = code
+        for jj in range(n):
+            k_out[i, j0 + jj] = q12[jj]
+        if want_ntk:
+            for jj in range(n):
+                t_out[i, j0 + jj] = ntk[jj]
+
+
+@jit_parallel
+def mirror_upper(a):
+    """Copy the upper triangle of a square matrix onto its lower triangle."""
+    n = a.shape[0]
+    block = 64
+    nblocks = (n + block - 1) // block
+    for bi in prange(nblocks):
+        r0 = bi * block
+        r1 = min(r0 + block, n)
+        for bj in range(bi + 1):
+            c0 = bj * block
+            c1 = min(c0 + block, n)
+            for r in range(r0, r1):
+                for col in range(c0, min(c1, r)):
+                    a[r, col] = a[col, r]

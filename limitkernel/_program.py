@@ -1,0 +1,264 @@
+"""A spec lowered to a straight program of ops: what the kernels and finite networks run.
+
+Lowering walks the spec once. Every layer appends its ops through
+:meth:`Builder.emit` (``Layer.lower``), and blocks of branches become the
+stash ops SAVE, LOAD and ADD, so the program is a flat list that the fused
+numba pass (:mod:`limitkernel._fused`), the diagonals below and the finite
+networks (:mod:`limitkernel.finite`) all walk in order.
+
+An op is ``(kind, where, params)``: ``kind`` is the layer object (or, for the
+stash ops, a small op object) that knows what the op does, ``params`` its
+parameters by name. For the numba pass they are packed into one row of a float
+matrix in the order ``kind.row_params`` names, and each row kernel unpacks its
+own row; nothing else reads a column by position.
+
+While lowering, the builder tracks what the exactness of the limit rests on:
+whether the current layer is a mean-zero Gaussian (what activations and
+layernorm need) and whether it is independent of the block input (what a sum of
+branches needs), and the input width of the next dense layer (the fan-in of the
+"standard" parameterisation); a layer that breaks a rule is named in the error.
+"""
+
+import numpy as np
+
+from .spec import SpecError, as_spec
+
+__all__ = ["Builder", "Op", "OpKind", "Program", "ROW_WIDTH"]
+
+# Entries of the widest parameter row.
+ROW_WIDTH = 4
+
+
+class OpKind:
+    """What every op kind provides (defaults for the parts most kinds do not need).
+
+    A layer kind derives from :class:`limitkernel.spec.Layer` and from this
+    class; the stash ops of blocks derive from this class only.
+
+    Kernels
+        ``code`` (its opcode: the fused pass of :mod:`limitkernel._fused`
+        dispatches on it) and ``row_params`` (the names of its parameter row,
+        in the order its row kernel unpacks them); ``diag_update(op, state)``
+        advances a :class:`Diagonal` (every input with itself).
+    Finite networks (:mod:`limitkernel.finite`)
+        ``finite_width(op, width, stash)`` the output width for an input of
+        ``width`` units; ``finite_init(op, fan_in, fan_out, rng)`` its trained
+        parameters (None when it has none); ``finite_forward(op, params, h, run)`` the
+        output on a batch ``h`` (N, ..., width), recording in ``run`` what
+        ``finite_backward(op, params, delta, record, run)`` needs to turn the signals
+        ``delta`` (N, r, ..., width) at its output into those at its input.
+    """
+
+    code = None
+    row_params = ()
+    has_params = False
+
+    def diag_update(self, op, state):
+        raise NotImplementedError(f"{self!r} has no diagonal update")
+
+    def finite_width(self, op, width, stash):
+        return width
+
+    def finite_init(self, op, fan_in, fan_out, rng):
+        return None
+
+    def finite_forward(self, op, params, h, run):
+        raise NotImplementedError(f"{self!r} has no finite-network forward pass")
+
+    def finite_backward(self, op, params, delta, record, run):
+        raise NotImplementedError(f"{self!r} has no finite-network backward pass")
+
+
+class Op:
+    """One step of a program: ``kind`` does it, with ``params`` by name."""
+
+    __slots__ = ("kind", "params", "where")
+
+    def __init__(self, kind, where, params):
+        self.kind, self.where, self.params = kind, where, params
+
+    def __str__(self):
+        return str(self.kind)
+
+    def row(self):
+        """The parameters in the order of ``kind.row_params`` (for the numba pass)."""
+        return [float(self.params[name]) for name in self.kind.row_params]
+
+
+class Builder:
+    """What lowering knows at the current layer; layers advance it through ``emit``.
+
+    Attributes
+    ----------
+    fan_in : float or None
+        Input width of the next dense layer (d for the first).
+    gaussian : True or str
+        True when the current layer is a mean-zero Gaussian in the limit;
+        otherwise why not (see :func:`why_not_gaussian`).
+    independent : bool
+        The current layer ends with a dense layer of its own inside the current
+        block, so it is independent of the block input.
+    depth : int
+        Nesting depth of blocks (stash slots 2·depth and 2·depth + 1 are theirs).
+    """
+
+    def __init__(self, n_features):
+        self.ops = []
+        self.fan_in = float(n_features)
+        self.gaussian = True
+        self.independent = False
+        self.depth = 0
+        self.n_slots = 0
+        self.final = False
+
+    def emit(self, kind, where, **params):
+        """Append an op; returns its index."""
+        missing = [name for name in kind.row_params if name not in params]
+        if missing or len(kind.row_params) > ROW_WIDTH:
+            raise RuntimeError(f"{kind!r} declares row_params {kind.row_params}, "
+                               f"emitted {sorted(params)}")
+        self.ops.append(Op(kind, where, params))
+        return len(self.ops) - 1
+
+    def require_gaussian(self, where, what):
+        """Refuse a layer that needs a mean-zero Gaussian input where there is none."""
+        if self.gaussian is not True:
+            raise SpecError(f"{where}: {what}, but {why_not_gaussian(self.gaussian)}; "
+                            "put a dense layer before it")
+
+    def lower(self, layers, path="", is_last=False):
+        """Append the ops of ``layers`` (a list), each at its place ``path``."""
+        for pos, layer in enumerate(layers):
+            where = f"{path}layer {pos + 1} ({short(layer)})"
+            self.final = is_last and pos == len(layers) - 1
+            layer.lower(self, where)
+        return self
+
+
+def short(layer):
+    """A layer's text, cut short for messages about blocks."""
+    text = str(layer)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def why_not_gaussian(state):
+    return {
+        False: "its input is the output of an activation",
+        "dropout": "its input has gone through dropout (each unit is a mixture)",
+        "concat": "its input is a concatenation (its units have different "
+                  "covariances)",
+        "sum": "its input is a sum with a non-Gaussian term (a skip connection "
+               "or branch that does not end with a dense layer)",
+    }.get(state, "its input is not Gaussian")
+
+
+class Diagonal:
+    """The state of every input with itself, as :meth:`Program.diagonals` walks.
+
+    ``q`` K(x, x), ``theta`` Θ(x, x), ``grad`` ∂K(x, x')/∂K⁰(x, x') at x' = x
+    (for the correlation slope χ), all (n,) arrays; ``stash`` the stash slots.
+    """
+
+    def __init__(self, q):
+        self.q = q
+        self.theta = np.zeros_like(q)
+        self.grad = np.ones_like(q)
+        self.stash = {}
+
+
+class Program:
+    """A spec lowered for inputs of ``n_features`` features.
+
+    Attributes
+    ----------
+    ops : list of Op
+    codes : (L,) int64 array
+        Opcode of each op (``kind.code``), for the numba pass.
+    prm : (L, ROW_WIDTH) float array
+        Parameter rows, each packed in its kind's ``row_params`` order.
+    n_slots : int
+        Stash slots the program uses.
+    chi : float or None
+        After :meth:`diagonals`: the network's correlation slope at ρ = 1.
+    """
+
+    def __init__(self, spec, n_features):
+        spec = as_spec(spec)
+        if not len(spec):
+            raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
+        last = spec.layers[-1]
+        if not getattr(last, "readout", False):
+            raise SpecError(
+                f"the network must end with a dense readout layer, but its last layer "
+                f"is {last}; append ', dense'"
+            )
+        builder = Builder(n_features).lower(spec.layers, is_last=True)
+        self.ops = builder.ops
+        self.n_slots = builder.n_slots
+        for op in self.ops:
+            if "n_slots" in op.params:
+                op.params["n_slots"] = self.n_slots
+        self.codes = np.array([op.kind.code for op in self.ops], dtype=np.int64)
+        self.prm = np.zeros((len(self.ops), ROW_WIDTH))
+        for index, op in enumerate(self.ops):
+            row = op.row()
+            self.prm[index, :len(row)] = row
+        self.chi = None
+
+    @property
+    def layers(self):
+        """The object behind each op (the layer, or the stash op)."""
+        return [op.kind for op in self.ops]
+
+    def diagonals(self, x):
+        """Square roots of the diagonals entering each op; final K and Θ diagonals.
+
+        Returns ``(roots, nngp, ntk)`` with ``roots`` of shape (L + 1, n).
+        """
+        state = Diagonal(np.einsum("ij,ij->i", x, x) / x.shape[1])
+        roots = np.empty((len(self.ops) + 1, x.shape[0]))
+        roots[0] = np.sqrt(state.q)
+        for index, op in enumerate(self.ops):
+            op.kind.diag_update(op, state)
+            if not np.all(np.isfinite(state.q)) or not np.all(np.isfinite(state.theta)):
+                raise FloatingPointError(
+                    f"the kernel overflows at layer {index + 1} ({op}): variances reach "
+                    f"{float(np.max(state.q)):.3g}; lower w_std, b_std or the input scale"
+                )
+            roots[index + 1] = np.sqrt(state.q)
+        q = state.q
+        with np.errstate(all="ignore"):
+            slope = state.grad * roots[0] ** 2 / q
+        slope = slope[np.isfinite(slope) & (q > 0)]
+        # The network's correlation slope dρ_out/dρ_in at ρ = 1 (the mean-field χ
+        # of the whole stack): < 1 ordered, > 1 chaotic.
+        self.chi = float(np.median(slope)) if slope.size else None
+        return roots, q, state.theta
+
+    def hermite_tables(self, roots):
+        """Hermite coefficients of every numerical layer, for the given inputs.
+
+        Returns a list with one ``(coef, dcoef)`` pair of (n, T) arrays per
+        numerical layer and records the layer's table index and T in ``prm``.
+        Row and column tables (two calls, for x1 and x2) must cut each series
+        after the same T for the tail bound to hold, so every call raises T to
+        the largest yet chosen on this program and recomputes, in place, the
+        tables of earlier calls that are shorter.
+        """
+        calls = self.__dict__.setdefault("_hermite_calls", [])
+        numerical = [index for index, op in enumerate(self.ops)
+                     if getattr(op.kind, "series", False)]
+        tables = []
+        for index in numerical:
+            self.ops[index].params["table"] = len(tables)
+            tables.append(self.ops[index].kind.coefficients(roots[index] ** 2))
+        calls.append((roots, tables))
+        for slot, index in enumerate(numerical):
+            kind = self.ops[index].kind
+            terms = max(t[slot][0].shape[1] for _, t in calls)
+            for past_roots, past in calls:
+                if past[slot][0].shape[1] < terms:
+                    past[slot] = kind.coefficients(past_roots[index] ** 2, terms=terms)
+            self.ops[index].params["terms"] = terms
+            self.prm[index, :len(kind.row_params)] = self.ops[index].row()
+        return tables
