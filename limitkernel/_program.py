@@ -102,7 +102,8 @@ class Builder:
         Nesting depth of blocks (stash slots 2·depth and 2·depth + 1 are theirs).
     """
 
-    def __init__(self, n_features):
+    def __init__(self, n_features, check_limit=True):
+        self.check_limit = check_limit
         self.ops = []
         self.fan_in = float(n_features)
         self.gaussian = True
@@ -122,7 +123,7 @@ class Builder:
 
     def require_gaussian(self, where, what):
         """Refuse a layer that needs a mean-zero Gaussian input where there is none."""
-        if self.gaussian is not True:
+        if self.gaussian is not True and self.check_limit:
             raise SpecError(f"{where}: {what}, but {why_not_gaussian(self.gaussian)}; "
                             "put a dense layer before it")
 
@@ -169,6 +170,9 @@ class Diagonal:
 class Program:
     """A spec lowered for inputs of ``n_features`` features.
 
+    With ``check_limit=False`` (finite networks) the rules that the limit's
+    exactness rests on are not enforced.
+
     Attributes
     ----------
     ops : list of Op
@@ -182,7 +186,7 @@ class Program:
         After :meth:`diagonals`: the network's correlation slope at ρ = 1.
     """
 
-    def __init__(self, spec, n_features):
+    def __init__(self, spec, n_features, check_limit=True):
         spec = as_spec(spec)
         if not len(spec):
             raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
@@ -192,7 +196,7 @@ class Program:
                 f"the network must end with a dense readout layer, but its last layer "
                 f"is {last}; append ', dense'"
             )
-        builder = Builder(n_features).lower(spec.layers, is_last=True)
+        builder = Builder(n_features, check_limit).lower(spec.layers, is_last=True)
         self.ops = builder.ops
         self.n_slots = builder.n_slots
         for op in self.ops:

@@ -23,28 +23,17 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg.blas import dgemm, dsyrk
+from scipy.linalg.blas import dsyrk
 
+from ._program import Program
 from .gram import check_inputs
-from .layers import Activation, Concat, Dense, Dropout, LayerNorm, Parallel, Residual
+from .layers import Concat, Dense, Parallel, Residual
+from .layers.dense import mm as _mm
 from .spec import Block, Serial, SpecError, as_spec
 
 __all__ = ["LOSSES", "FiniteNetwork", "TrainingHistory", "limit_spec"]
 
 LOSSES = ("mse", "cross_entropy")
-
-
-# Every GEMM here goes through scipy's BLAS, operands passed as Fortran-ordered
-# views (a C-ordered array is the transpose of one) so that nothing is copied.
-# Mixing numpy's and scipy's BLAS in one loop can be slow: they may be two
-# OpenBLAS builds whose thread pools then compete for the cores.
-
-
-def _mm(x, y):
-    """x @ y through scipy's dgemm (result in Fortran order)."""
-    ax, tx = (x, False) if x.flags.f_contiguous else (x.T, True)
-    ay, ty = (y, False) if y.flags.f_contiguous else (y.T, True)
-    return dgemm(1.0, ax, ay, trans_a=tx, trans_b=ty)
 
 
 def _gram(x, y=None):
@@ -54,41 +43,6 @@ def _gram(x, y=None):
     ax, trans = (x, False) if x.flags.f_contiguous else (x.T, True)
     upper = dsyrk(1.0, ax, trans=trans)
     return np.triu(upper) + np.triu(upper, 1).T
-
-
-class _DenseParams:
-    """Trained parameters of one dense layer and its fixed multipliers."""
-
-    __slots__ = ("b", "b_mul", "layer", "w", "w_mul")
-
-    def __init__(self, layer, fan_in, fan_out, rng):
-        self.layer = layer
-        # Stored (fan_in, fan_out), C order, so that z = a @ w and the update
-        # w ← w − η w_mul aᵀg runs in place as one GEMM on wᵀ (Fortran order).
-        self.w = rng.standard_normal((fan_in, fan_out))
-        self.b = rng.standard_normal(fan_out)
-        if layer.parameterization == "ntk":
-            self.w_mul, self.b_mul = layer.w_std / math.sqrt(fan_in), layer.b_std
-        else:
-            self.w *= layer.w_std / math.sqrt(fan_in)
-            self.b *= layer.b_std
-            self.w_mul, self.b_mul = 1.0, 1.0
-
-    @property
-    def fan_in(self):
-        return self.w.shape[0]
-
-    @property
-    def fan_out(self):
-        return self.w.shape[1]
-
-    def __call__(self, a):
-        z = _mm(a, self.w)
-        if self.w_mul != 1.0:
-            z *= self.w_mul
-        if self.b_mul != 0.0:
-            z += self.b_mul * self.b
-        return z
 
 
 @dataclass
@@ -140,25 +94,7 @@ def limit_spec(spec, width, n_features=None):
     ``n_features`` is needed only when a residual block comes before the first
     dense layer (its branch then has the input's width).
     """
-    spec = as_spec(spec)
-    if _is_plain(spec.layers):
-        hidden = [layer for layer in spec.layers[:-1] if isinstance(layer, Dense)]
-        widths = iter(_check_widths(width, len(hidden)))
-        layers = []
-        for layer in spec.layers[:-1]:
-            if isinstance(layer, Dense):
-                w = next(widths)
-                if layer.parameterization == "standard":
-                    layer = Dense(layer.w_std, layer.b_std, "standard", w)
-            layers.append(layer)
-        return Serial(layers + list(spec.layers[-1:]))
-    builder = _Builder(spec, width, n_features, None)
-    return builder.limit
-
-
-def _is_plain(layers):
-    """Only dense layers and activations: the fast path of :class:`FiniteNetwork`."""
-    return all(isinstance(layer, (Dense, Activation)) for layer in layers)
+    return _Sizing(as_spec(spec), width, n_features, None).limit
 
 
 def _count_dense(layers):
@@ -171,8 +107,8 @@ def _count_dense(layers):
     return count
 
 
-class _Builder:
-    """Walks a spec with blocks depth first: hidden widths, parameters, the limit spec.
+class _Sizing:
+    """Walks a spec with blocks depth first: the hidden widths and the limit spec.
 
     Widths (as in the Monte Carlo reference of the tests): with one int ``width``
     every hidden dense layer has that width, except inside a residual branch,
@@ -180,21 +116,20 @@ class _Builder:
     adds up), and inside ``concat``, whose branch b has width
     ``round(width · k · w_b / Σ w)`` (k branches; the limit weighs the branches
     by these shares). With a list, one width per hidden dense layer, depth
-    first; without ``width``, the layers' own ``width`` parameters. With
-    ``rng`` None, no parameters are drawn.
+    first; without ``width``, the layers' own ``width`` parameters. The order is
+    that of the dense ops of the lowered program.
     """
 
-    def __init__(self, spec, width, n_features, n_outputs, rng=None):
+    def __init__(self, spec, width, n_features, n_outputs):
         layers = list(spec.layers)
         n_hidden = _count_dense(layers) - 1
         self.explicit = _check_widths(width, n_hidden) if np.ndim(width) else None
         self.scalar = None if width is None or np.ndim(width) else _check_widths(width, 1)[0]
         self._next = iter(self.explicit or ())
-        self.n_outputs, self.rng = n_outputs, rng
-        self.widths, self.dense = [], []
-        self.nodes, fan_in, self.limit_layers = self._walk(layers, n_features, self.scalar,
-                                                           "", top=True)
-        self.limit = Serial(self.limit_layers)
+        self.n_outputs = n_outputs
+        self.widths = []
+        fan_in, limit_layers = self._walk(layers, n_features, self.scalar, "", top=True)
+        self.limit = Serial(limit_layers)
         self.out_width = fan_in
 
     def _width(self, layer, default, where):
@@ -211,7 +146,7 @@ class _Builder:
         return int(layer.width)
 
     def _walk(self, layers, fan_in, default, path, top=False):
-        nodes, limit = [], []
+        limit = []
         for pos, layer in enumerate(layers):
             where = f"{path}layer {pos + 1} ({layer})"
             if isinstance(layer, Dense):
@@ -222,20 +157,14 @@ class _Builder:
                     self.widths.append(fan_out)
                     if layer.parameterization == "standard":
                         layer = Dense(layer.w_std, layer.b_std, "standard", fan_out)
-                if self.rng is not None:
-                    params = _DenseParams(layer, fan_in, fan_out, self.rng)
-                    self.dense.append(params)
-                    nodes.append(("dense", params))
                 fan_in = fan_out
             elif isinstance(layer, Residual):
-                branch, out, sub = self._walk(layer.branches[0].layers, fan_in, fan_in,
-                                              f"{where}: ")
+                out, sub = self._walk(layer.branches[0].layers, fan_in, fan_in, f"{where}: ")
                 if fan_in is not None and out != fan_in:
                     raise ValueError(
                         f"{where}: the branch outputs width {out} but the block input "
                         f"has width {fan_in}; the skip connection needs them equal "
                         f"(give the branch's dense layers width {fan_in})")
-                nodes.append(("residual", layer.alpha, layer.beta, branch))
                 layer = Residual(sub, layer.alpha, layer.beta)
             elif isinstance(layer, (Parallel, Concat)):
                 k = len(layer.branches)
@@ -244,11 +173,10 @@ class _Builder:
                               for f in layer.fractions()]
                 else:
                     shares = [default] * k
-                branches, outs, subs = [], [], []
+                outs, subs = [], []
                 for index, (b, share) in enumerate(zip(layer.branches, shares)):
-                    nodes_b, out, sub = self._walk(b.layers, fan_in, share,
-                                                   f"{where}, branch {index + 1}: ")
-                    branches.append(nodes_b)
+                    out, sub = self._walk(b.layers, fan_in, share,
+                                          f"{where}, branch {index + 1}: ")
                     outs.append(out)
                     subs.append(sub)
                 if isinstance(layer, Parallel):
@@ -256,24 +184,15 @@ class _Builder:
                         raise ValueError(f"{where}: the branches output widths {outs}, but a "
                                          "sum needs them equal; give their last dense "
                                          "layers one width")
-                    nodes.append(("parallel", branches))
                     fan_in = outs[0]
                     layer = Parallel(*subs)
                 else:
-                    nodes.append(("concat", branches, outs))
                     fan_in = None if None in outs else sum(outs)
                     layer = Concat(*subs, widths=layer.widths)
-            elif isinstance(layer, LayerNorm):
-                nodes.append(("layernorm", layer.eps))
-            elif isinstance(layer, Dropout):
-                if layer.p > 0:
-                    nodes.append(("dropout", layer.p))
-            elif isinstance(layer, Activation):
-                nodes.append(("act", layer))
-            else:
+            elif isinstance(layer, Block):
                 raise SpecError(f"{where}: {layer!r} is not supported by finite networks")
             limit.append(layer)
-        return nodes, fan_in, limit
+        return fan_in, limit
 
 
 def _check_widths(width, n_hidden):
@@ -385,38 +304,27 @@ class FiniteNetwork:
         if isinstance(n_outputs, bool) or int(n_outputs) != n_outputs or n_outputs < 1:
             raise ValueError(f"n_outputs must be a positive integer, got {n_outputs!r}")
         self.n_features, self.n_outputs = int(n_features), int(n_outputs)
-        self._tree = None
-        if not _is_plain(layers):
-            builder = _Builder(self.spec, width, self.n_features, self.n_outputs,
-                               _check_rng(seed))
-            self.widths, self.dense = tuple(builder.widths), builder.dense
-            self._tree, self._limit = builder.nodes, builder.limit
-            self._first = next(i for i, node in enumerate(self._tree)
-                               if _has_params(node))
-            # Dropout masks: a stream of their own, so parameters do not depend on p.
-            self._masks = np.random.default_rng(builder.rng.integers(2 ** 63))
-            return
-        hidden = [layer for layer in layers[:-1] if isinstance(layer, Dense)]
-        widths = _check_widths(width, len(hidden))
-        if widths is None:
-            missing = [i + 1 for i, layer in enumerate(layers[:-1])
-                       if isinstance(layer, Dense) and layer.width is None]
-            if missing:
-                raise ValueError(f"give width=... (one int, or one per hidden dense layer): "
-                                 f"dense layer(s) at position {missing} have no width")
-            widths = [int(layer.width) for layer in hidden]
-        self.widths = tuple(widths)
+        sizing = _Sizing(self.spec, width, self.n_features, self.n_outputs)
+        self.widths, self._limit = tuple(sizing.widths), sizing.limit
+        # The same lowered program as the kernels; the limit's rules (Gaussian
+        # inputs of activations, independent branches) are not required here.
+        self._program = Program(self._limit, self.n_features, check_limit=False)
         rng = _check_rng(seed)
-        self._layers, self.dense = [], []
-        fan_in, next_width = self.n_features, iter(self.widths + (self.n_outputs,))
-        for layer in layers:
-            if isinstance(layer, Dense):
-                params = _DenseParams(layer, fan_in, next(next_width), rng)
-                fan_in = params.fan_out
+        self._params, self.dense = [], []
+        fan_outs = iter(self.widths + (self.n_outputs,))
+        width, stash = self.n_features, {}
+        for op in self._program.ops:
+            params = None
+            if op.kind.has_params:
+                params = op.kind.finite_init(op, width, next(fan_outs), rng)
                 self.dense.append(params)
-                self._layers.append(params)
+                width = params.fan_out
             else:
-                self._layers.append(layer)
+                width = op.kind.finite_width(op, width, stash)
+            self._params.append(params)
+        self._first = next(i for i, p in enumerate(self._params) if p is not None)
+        # Dropout masks: a stream of their own, so parameters do not depend on p.
+        self._masks = np.random.default_rng(rng.integers(2 ** 63))
 
     # ---------------------------------------------------------------- basics
 
@@ -434,9 +342,7 @@ class FiniteNetwork:
 
         See :func:`limit_spec`.
         """
-        if self._tree is not None:
-            return self._limit
-        return limit_spec(self.spec, self.widths)
+        return self._limit
 
     def _check_x(self, x, name="x"):
         x = check_inputs(x, name)
@@ -466,26 +372,32 @@ class FiniteNetwork:
     __call__ = forward
 
     def _forward(self, x, keep=False, check=True, masks=None):
-        """Outputs and, with ``keep``, per layer the dense input or the activation's φ'."""
-        if self._tree is not None:
-            cache = [] if keep else None
-            a = _run(self._tree, x, cache, masks or self._masks)
-        else:
-            cache = []
-            a = x
-            for layer in self._layers:
-                if isinstance(layer, _DenseParams):
-                    if keep:
-                        cache.append(a)
-                    a = layer(a)
-                else:
-                    if keep:
-                        cache.append(layer.derivative(a))
-                    a = layer.forward(a)
-        if check and not np.all(np.isfinite(a)):
+        """Outputs and, with ``keep``, the tape: what each op records for backward."""
+        run = _Run(keep, masks or self._masks)
+        tape = []
+        h = x
+        for op, params in zip(self._program.ops, self._params):
+            h, record = op.kind.finite_forward(op, params, h, run)
+            tape.append(record)
+        if check and not np.all(np.isfinite(h)):
             raise FloatingPointError("the network's outputs overflow (inf or NaN); lower "
                                      "w_std, b_std or the input scale")
-        return a, cache
+        return h, tape
+
+    def _backward(self, tape, delta, eta=None):
+        """Backward signals δ (N, r, ..., width) from the outputs, op by op in reverse.
+
+        Without ``eta``, returns [(dense params, input a, δ at its output)] for
+        every dense layer; with ``eta``, takes a gradient step of learning rate
+        η on each dense layer as its signal arrives (δ: N·c times ∂L/∂f).
+        """
+        run = _Run(False, None, eta=eta)
+        ops, params = self._program.ops, self._params
+        for index in range(len(ops) - 1, self._first - 1, -1):
+            run.stop = index == self._first
+            delta = ops[index].kind.finite_backward(ops[index], params[index], delta,
+                                                     tape[index], run)
+        return run.grads
 
     # ---------------------------------------------------------------- kernels
 
@@ -537,16 +449,14 @@ class FiniteNetwork:
             a1, a2 = cache1[-1], cache2[-1]
             scale = head.layer.w_std ** 2 / head.fan_in
             out["nngp"] = scale * _gram(a1, None if sym else a2) + head.layer.b_std ** 2
-        if "ntk" in kinds and self._tree is not None:
-            out["ntk"] = self._ntk_tree(cache1, None if sym else cache2, x1.shape[0],
-                                        x1.shape[0] if sym else x2.shape[0])
-        elif "ntk" in kinds:
-            out["ntk"] = self._ntk(cache1, cache2, sym, x1.shape[0],
+        if "ntk" in kinds:
+            out["ntk"] = self._ntk(cache1, None if sym else cache2, x1.shape[0],
                                    x1.shape[0] if sym else x2.shape[0])
         return {k: out[k] for k in kinds}
 
-    def _ntk_tree(self, tape1, tape2, n1, n2):
-        """Empirical NTK of a network with blocks: backward signals per dense layer."""
+    def _ntk(self, tape1, tape2, n1, n2):
+        """Empirical NTK from the tapes: backward signals per dense layer, two Gram
+        matrices each."""
         c = self.n_outputs
         grads1 = self._backward(tape1, np.tile(np.eye(c), (n1, 1)).reshape(n1, c, c))
         grads2 = grads1 if tape2 is None else \
@@ -556,44 +466,6 @@ class FiniteNetwork:
         for (layer, a1, d1), (_, a2, d2) in zip(grads1, grads2):
             _add_layer_ntk(theta, layer, a1, None if sym else a2, d1.reshape(n1 * c, -1),
                            None if sym else d2.reshape(n2 * c, -1), c)
-        return _by_output_pair(theta, n1, n2, c)
-
-    def _backward(self, tape, delta):
-        """[(dense params, input a, backward signal δ (N, r, fan_out))] for every dense
-        layer, from the signals ``delta`` (N, r, c) at the outputs."""
-        grads = []
-        _back(self._tree, tape, delta, grads, stop=self._first)
-        return grads
-
-    def _ntk(self, cache1, cache2, sym, n1, n2):
-        c = self.n_outputs
-        # Backward signals, rows (example, output unit): start at ∂f_k/∂f = e_k.
-        delta1 = np.tile(np.eye(c), (n1, 1))
-        delta2 = delta1 if sym else np.tile(np.eye(c), (n2, 1))
-        theta = np.zeros((n1 * c, n2 * c))
-        first_dense = next(i for i, layer in enumerate(self._layers)
-                           if isinstance(layer, _DenseParams))
-        for index in range(len(self._layers) - 1, first_dense - 1, -1):
-            layer = self._layers[index]
-            if isinstance(layer, _DenseParams):
-                _add_layer_ntk(theta, layer, cache1[index], None if sym else cache2[index],
-                               delta1, None if sym else delta2, c)
-                if index > first_dense:
-                    delta1 = _mm(delta1, layer.w.T)
-                    delta1 *= layer.w_mul
-                    if not sym:
-                        delta2 = _mm(delta2, layer.w.T)
-                        delta2 *= layer.w_mul
-                    else:
-                        delta2 = delta1
-            else:
-                d1 = cache1[index]
-                delta1 = (delta1.reshape(n1, c, -1) * d1[:, None, :]).reshape(n1 * c, -1)
-                if sym:
-                    delta2 = delta1
-                else:
-                    d2 = cache2[index]
-                    delta2 = (delta2.reshape(n2, c, -1) * d2[:, None, :]).reshape(n2 * c, -1)
         return _by_output_pair(theta, n1, n2, c)
 
     # ---------------------------------------------------------------- training
@@ -728,40 +600,7 @@ class FiniteNetwork:
 
     def _step(self, grad, cache, eta):
         """One gradient step from ∂L/∂f = grad (N, c), updating the parameters in place."""
-        if self._tree is not None:
-            # All gradients first (they use the current weights), then the updates.
-            for layer, a, g in self._backward(cache, grad[:, None, :]):
-                g = g[:, 0, :]
-                layer.w -= (eta * layer.w_mul) * _mm(a.T, g)
-                if layer.b_mul != 0.0:
-                    layer.b -= (eta * layer.b_mul) * g.sum(axis=0)
-            return
-        g = grad
-        first = len(self._layers)
-        for index, layer in enumerate(self._layers):
-            if isinstance(layer, _DenseParams):
-                first = index
-                break
-        for index in range(len(self._layers) - 1, first - 1, -1):
-            layer = self._layers[index]
-            if isinstance(layer, _DenseParams):
-                a = cache[index]
-                g_in = None
-                if index > first:
-                    g_in = _mm(g, layer.w.T)
-                    g_in *= layer.w_mul
-                # w ← w − η w_mul aᵀ g, as (wᵀ) ← (wᵀ) − η w_mul gᵀ a in place.
-                ga, ta = (g, True) if g.flags.f_contiguous else (g.T, False)
-                aa, tb = (a, False) if a.flags.f_contiguous else (a.T, True)
-                wt = dgemm(-eta * layer.w_mul, ga, aa, beta=1.0, c=layer.w.T,
-                           trans_a=ta, trans_b=tb, overwrite_c=True)
-                if not np.shares_memory(wt, layer.w):
-                    layer.w = np.ascontiguousarray(wt.T)
-                if layer.b_mul != 0.0:
-                    layer.b -= (eta * layer.b_mul) * g.sum(axis=0)
-                g = g_in
-            else:
-                g = g * cache[index]
+        self._backward(cache, grad[:, None, :], eta=eta)
 
 
 def _add_layer_ntk(theta, layer, a1, a2, d1, d2, c):
@@ -790,95 +629,32 @@ def _by_output_pair(theta, n1, n2, c):
     return np.ascontiguousarray(theta.reshape(n1, c, n2, c).transpose(0, 2, 1, 3))
 
 
-# ------------------------------------------------------------ networks with blocks
+# ------------------------------------------------------------ the interpreter
 
 
 def _mask_rng(seed):
     return None if seed is None else _check_rng(seed)
 
 
-def _has_params(node):
-    kind = node[0]
-    if kind == "dense":
-        return True
-    if kind == "residual":
-        return any(_has_params(n) for n in node[3])
-    if kind in ("parallel", "concat"):
-        return any(_has_params(n) for b in node[1] for n in b)
-    return False
+class _Run:
+    """What one pass through the program carries besides the activations.
 
+    Forward: ``keep`` (record what backward needs), the stash slots of blocks and
+    the dropout ``masks``. Backward: the stash of signals, ``stop`` (the current
+    op is the first with parameters: its input signal is not needed) and, per
+    dense layer, either the collected ``grads`` or an in-place step of ``eta``.
+    """
 
-def _run(nodes, h, tape, masks):
-    """Forward pass through ``nodes``; with a ``tape`` list, what backward needs."""
-    for node in nodes:
-        kind = node[0]
-        if kind == "dense":
-            if tape is not None:
-                tape.append(h)
-            h = node[1](h)
-        elif kind == "act":
-            if tape is not None:
-                tape.append(node[1].derivative(h))
-            h = node[1].forward(h)
-        elif kind == "layernorm":
-            h = h - h.mean(axis=1, keepdims=True)
-            sd = np.sqrt(np.einsum("ij,ij->i", h, h)[:, None] / h.shape[1] + node[1])
-            h = h / sd
-            if tape is not None:
-                tape.append((h, sd))
-        elif kind == "dropout":
-            # Training mode: drop each unit of each input with probability p and
-            # scale the others by 1/(1 - p), as torch.nn.Dropout does.
-            m = (masks.random(h.shape) >= node[1]) / (1.0 - node[1])
-            if tape is not None:
-                tape.append(m)
-            h = h * m
-        elif kind == "residual":
-            sub = None if tape is None else []
-            h = node[1] * h + node[2] * _run(node[3], h, sub, masks)
-            if tape is not None:
-                tape.append(sub)
+    def __init__(self, keep, masks, eta=None):
+        self.keep, self.masks, self.eta = keep, masks, eta
+        self.stash, self.gstash, self.grads = {}, {}, []
+        self.stop = False
+
+    def dense(self, params, a, delta):
+        """A dense layer's share of backward: its input signal, then its gradient."""
+        d_in = None if self.stop else params.input_signal(delta)
+        if self.eta is None:
+            self.grads.append((params, a, delta))
         else:
-            subs = [None if tape is None else [] for _ in node[1]]
-            outs = [_run(b, h, sub, masks) for b, sub in zip(node[1], subs)]
-            h = sum(outs[1:], outs[0]) if kind == "parallel" else np.concatenate(outs, axis=1)
-            if tape is not None:
-                tape.append(subs)
-    return h
-
-
-def _back(nodes, tape, delta, grads, stop=-1):
-    """Backward signals δ (N, r, width) through ``nodes``; appends (params, a, δ) of
-    every dense layer to ``grads`` and returns δ at the input (None after node
-    ``stop``, a dense layer whose input signal is not needed)."""
-    n, r = delta.shape[:2]
-    for index in range(len(nodes) - 1, -1, -1):
-        node, rec = nodes[index], tape[index]
-        kind = node[0]
-        if kind == "dense":
-            layer = node[1]
-            grads.append((layer, rec, delta))
-            if index == stop:
-                return None
-            delta = _mm(delta.reshape(n * r, -1), layer.w.T).reshape(n, r, -1)
-            delta *= layer.w_mul
-        elif kind in ("act", "dropout"):
-            delta = delta * rec[:, None, :]
-        elif kind == "layernorm":
-            y, sd = rec
-            y = y[:, None, :]
-            delta = (delta - delta.mean(axis=2, keepdims=True)
-                     - y * (delta * y).mean(axis=2, keepdims=True))
-            delta /= sd[:, :, None]
-        elif kind == "residual":
-            inner = _back(node[3], rec, node[2] * delta, grads)
-            delta = node[1] * delta + inner
-        elif kind == "parallel":
-            inner = [_back(b, sub, delta, grads) for b, sub in zip(node[1], rec)]
-            delta = sum(inner[1:], inner[0])
-        else:
-            edges = np.cumsum([0, *node[2]])
-            inner = [_back(b, sub, np.ascontiguousarray(delta[:, :, lo:hi]), grads)
-                     for b, sub, lo, hi in zip(node[1], rec, edges[:-1], edges[1:])]
-            delta = sum(inner[1:], inner[0])
-    return delta
+            params.step(a, delta, self.eta)
+        return d_in

@@ -88,7 +88,7 @@ class _BlockLowering:
             builder.gaussian, builder.independent = "concat", all(r[2] for r in results)
             return
         shared = [i + 1 for i, r in enumerate(results) if not r[2]]
-        if len(shared) > 1:
+        if len(shared) > 1 and builder.check_limit:
             names = ("the skip connection and the branch" if isinstance(self, Residual)
                      else "branches " + " and ".join(map(str, shared)))
             raise SpecError(

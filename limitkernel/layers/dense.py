@@ -200,8 +200,10 @@ class DenseParams:
     def input_signal(self, delta):
         """δ at the layer's input from δ (N, r, ..., fan_out) at its output."""
         flat = delta.reshape(-1, self.fan_out)
-        out = mm(flat, self.w.T)
-        out *= self.w_mul
+        # (w flatᵀ)ᵀ comes out of BLAS in C order, so the reshape is a view.
+        out = mm(self.w, flat.T).T
+        if self.w_mul != 1.0:
+            out *= self.w_mul
         return out.reshape(delta.shape[:-1] + (self.fan_in,))
 
     def step(self, a, g, eta):
