@@ -1,5 +1,6 @@
 """limitkernel: exact infinite-width NNGP and NTK kernels of fully-connected networks."""
 
+from ._version import __version__
 from .activations import REGISTRY as ACTIVATIONS
 from .layers import (
     Concat,
@@ -86,7 +87,6 @@ __all__ = [
     "to_torch",
 ]
 
-__version__ = "0.1.0"
 
 _LAZY = ("NTKRegressor", "NNGPRegressor", "NTKClassifier")
 

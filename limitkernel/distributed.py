@@ -45,6 +45,7 @@ from numba import njit, prange
 
 from . import gram as _gram
 from ._numba import sources_digest
+from ._version import __version__
 from .gram import KINDS, MemoryBudgetError, available_memory, prepare
 from .spec import as_spec
 
@@ -163,8 +164,6 @@ class _Layout:
 
 
 def _version():
-    from . import __version__
-
     return __version__
 
 

@@ -162,9 +162,7 @@ def plot_convergence(sweep, path, comparison=None):
     with ``comparison`` (or a Comparison as ``sweep``), a second panel shows the
     NTK's movement during training.
     """
-    from .experiments import Comparison
-
-    if isinstance(sweep, Comparison):
+    if hasattr(sweep, "runs"):  # a Comparison
         comparison = sweep if comparison is None else comparison
         widths = sweep.widths
         values = [r.init_distance for r in sweep.runs]
