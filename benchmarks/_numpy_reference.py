@@ -2,7 +2,7 @@
 
 This is the baseline that ``bench_gram.py`` times: every layer is applied to
 the whole N x N Gram matrix with ordinary numpy calls, holding full N x N
-arrays. It follows the conventions of DESIGN.md (Neural Tangents' "ntk"
+arrays. It follows the conventions of docs/design.rst (Neural Tangents' "ntk"
 parameterisation):
 
 * input:  K0 = x . x' / d,  Theta0 = 0

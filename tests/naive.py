@@ -14,19 +14,17 @@ Everything here is written from the definitions, not from the closed forms in
   ∫_0^R r e^{−r²/2} F(r) dr, whose integrand is smooth in r for every α
   (R = 14 leaves out less than e^{−98} times a polynomial). Both converge
   geometrically;
-* the layer-by-layer network recursion of DESIGN.md on one pair of inputs
-  (:func:`network_kernel`), using those expectations, in float64;
-* for positively homogeneous activations, the same recursion in mpmath at 40
-  digits (:func:`network_kernel_mp`), where the radial integral is the
-  constant 2^m m! and the angular one is done by ``mpmath.quad`` split at the
-  kinks: a reference for nearly identical inputs, where float64 cannot even
-  represent the correlation 1 − ρ accurately through a layer.
+* the layer-by-layer network recursion on one pair of inputs
+  (:func:`network_kernel`), using those expectations, in float64.
+
+The high-precision recursion (nearly identical inputs, where float64 cannot
+even represent the correlation 1 − ρ accurately through a layer) is
+:mod:`reference`, in mpmath.
 """
 
 import itertools
 import math
 
-import mpmath
 import numpy as np
 from scipy import special
 
@@ -196,7 +194,7 @@ def input_angle(x1, x2):
 
 
 def network_kernel(layers, x1, x2, **quad):
-    """K and Θ of a network for one input pair, layer by layer (DESIGN.md).
+    """K and Θ of a network for one input pair, layer by layer (the README's conventions).
 
     ``layers`` is a list of ``("dense", w_std, b_std)`` and ``(name, params)``
     items, NTK parameterisation. Returns ((K11, K12, K22), (Θ11, Θ12, Θ22)).
@@ -224,66 +222,6 @@ def network_kernel(layers, x1, x2, **quad):
             nrm = math.sqrt(q11 * q22)
             theta = math.acos(min(max(q12 / nrm, -1.0), 1.0)) if nrm > 0 else 0.5 * math.pi
     return (q11, q12, q22), (t11, t12, t22)
-
-
-# ------------------------------------------------------------ mpmath, homogeneous
-
-
-def _mp_activation(name, params):
-    """φ and φ' in mpmath, and the degree m of positive homogeneity."""
-    if name == "relu_pow":
-        k = int(params.get("k", 2))
-        return (lambda x: x ** k if x > 0 else 0), (lambda x: k * x ** (k - 1) if x > 0 else 0), k
-    if name == "step":
-        return (lambda x: 1 if x > 0 else 0), (lambda x: 0), 0
-    if name == "sign":
-        return (lambda x: mpmath.sign(x)), (lambda x: 0), 0
-    a, b = {"relu": (0, 1), "abs": (-1, 1), "identity": (1, 1),
-            "leaky_relu": (params.get("alpha", 0.01), 1),
-            "abrelu": (params.get("a", 0), params.get("b", 1))}[name]
-    a, b = mpmath.mpf(a), mpmath.mpf(b)
-    return (lambda x: a * x if x < 0 else b * x), (lambda x: a if x < 0 else b), 1
-
-
-def _mp_expect(f, g, m, theta):
-    """E[f(u) g(v)] for unit variances at angle θ, f, g homogeneous of degree m.
-
-    = 2^m m! / (2π) ∫_0^{2π} f(cos α) g(cos(α − θ)) dα, split at the kinks.
-    """
-    pi = mpmath.pi
-    cuts = sorted({mpmath.mpf(0), 2 * pi, pi / 2, 3 * pi / 2,
-                   mpmath.fmod(theta + pi / 2, 2 * pi), mpmath.fmod(theta + 3 * pi / 2, 2 * pi)})
-    val = mpmath.quad(lambda t: f(mpmath.cos(t)) * g(mpmath.cos(t - theta)), cuts)
-    return 2 ** m * mpmath.factorial(m) * val / (2 * pi)
-
-
-def network_kernel_mp(layers, x1, x2, dps=40):
-    """:func:`network_kernel` in mpmath, for positively homogeneous activations only."""
-    with mpmath.workdps(dps):
-        x1 = [mpmath.mpf(float(v)) for v in x1]
-        x2 = [mpmath.mpf(float(v)) for v in x2]
-        d = len(x1)
-        q11 = mpmath.fsum(u * u for u in x1) / d
-        q22 = mpmath.fsum(v * v for v in x2) / d
-        q12 = mpmath.fsum(u * v for u, v in zip(x1, x2)) / d
-        t11 = t12 = t22 = mpmath.mpf(0)
-        for item in layers:
-            if item[0] == "dense":
-                w2, b2 = mpmath.mpf(item[1]) ** 2, mpmath.mpf(item[2]) ** 2
-                t11, t12, t22 = (w2 * q11 + b2 + w2 * t11, w2 * q12 + b2 + w2 * t12,
-                                 w2 * q22 + b2 + w2 * t22)
-                q11, q12, q22 = w2 * q11 + b2, w2 * q12 + b2, w2 * q22 + b2
-                continue
-            f, df, m = _mp_activation(*item)
-            theta = mpmath.acos(q12 / mpmath.sqrt(q11 * q22))
-            zero = mpmath.mpf(0)
-            n, nd = _mp_expect(f, f, m, zero), _mp_expect(df, df, max(m - 1, 0), zero)
-            c, cd = _mp_expect(f, f, m, theta), _mp_expect(df, df, max(m - 1, 0), theta)
-            s = mpmath.sqrt(q11 * q22)
-            md = max(m - 1, 0)  # φ' is homogeneous of degree m − 1 (φ' = 0 if m = 0)
-            t11, t12, t22 = t11 * nd * q11 ** md, t12 * cd * s ** md, t22 * nd * q22 ** md
-            q11, q12, q22 = n * q11 ** m, c * s ** m, n * q22 ** m
-        return ([float(v) for v in (q11, q12, q22)], [float(v) for v in (t11, t12, t22)])
 
 
 # ------------------------------------------------------------ specs

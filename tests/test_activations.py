@@ -12,10 +12,11 @@ import mpmath
 import naive
 import numpy as np
 import pytest
+from reference import kernel_mp
 
 import limitkernel as lk
-from limitkernel.layers import _angle as K
 from limitkernel.activations import get_activation
+from limitkernel.layers import _angle as K
 
 EPS = np.finfo(float).eps
 
@@ -294,8 +295,8 @@ HOMOGENEOUS_ACTS = [a for a in ACTS if a[1] in HOMOGENEOUS and a[1] not in ("rel
 def test_near_duplicates_through_depth_match_mpmath(tid, name, params, wb):
     """1 − ρ carried accurately: ReLU^k, step, sign, abs... at depth 2 and 4.
 
-    The reference is the recursion in 50-digit mpmath with the angular integrals
-    done by mpmath.quad (no closed form). Layers of ReLU^k raise variances to the
+    The reference is the recursion in 50-digit mpmath (:mod:`reference`) with the
+    angular integrals done by mpmath.quad (no closed form). Layers of ReLU^k raise variances to the
     power k, which multiplies any relative perturbation by up to k per layer; so
     20 k^depth eps (step and sign: k = 1) of the diagonal scale √(K11 K22), which
     for the near-duplicates is the value itself (the near-antipodal pair can
@@ -314,7 +315,7 @@ def test_near_duplicates_through_depth_match_mpmath(tid, name, params, wb):
         got = lk.kernel(_spec(layers), x[None], others)
         rtol = 20 * k ** depth * EPS
         for j, other in enumerate(others):
-            (k11, k12, k22), (t11, t12, t22) = naive.network_kernel_mp(layers, x, other, dps=50)
+            (k11, k12, k22), (t11, t12, t22) = kernel_mp(_spec(layers), x, other, dps=50)
             ctx = f"{tid} depth={depth} pair={j}"
             assert abs(got["nngp"][0, j] - k12) <= rtol * _scale(k11, k22), ctx
             assert abs(got["ntk"][0, j] - t12) <= rtol * _scale(t11, t22), ctx
@@ -352,37 +353,6 @@ def test_arccos_integrals_match_mpmath(k):
             np.testing.assert_allclose(got[2], float(1 - jk / jk0), rtol=8 * EPS, err_msg=ctx)
 
 
-def _mp_smooth_layer(name, params, q11, q22, q12):
-    """(K12, K11, K22, K'12, K'11, K'22) for sin/cos/rbf/exp, textbook formulas in mpmath.
-
-    With E± = exp(−b²(q11 + q22 ± 2 q12)/2): a·sin(bx + c) gives
-    K = a²/2 (E− − cos 2c E+), K' = a²b²/2 (E− + cos 2c E+); a·exp(bx) gives
-    K = a² exp(b²(q11 + q22 + 2 q12)/2), K' = b² K. (Those formulas are checked
-    against quadrature in test_one_layer_matches_quadrature.)
-    """
-    mp = mpmath
-    if name == "exp":
-        a, b = mp.mpf(params["a"]), mp.mpf(params["b"])
-
-        def kern(x, y, z):
-            val = a * a * mp.exp(b * b * (x + y + 2 * z) / 2)
-            return val, b * b * val
-    else:
-        if name == "rbf":
-            a, b, c = mp.sqrt(2), mp.sqrt(2 * mp.mpf(params["gamma"])), mp.pi / 4
-        else:
-            a, b, c = (mp.mpf(params[key]) for key in ("a", "b", "c"))
-            c = c + mp.pi / 2 if name == "cos" else c
-
-        def kern(x, y, z):
-            minus = mp.exp(-b * b * (x + y - 2 * z) / 2)
-            plus = mp.cos(2 * c) * mp.exp(-b * b * (x + y + 2 * z) / 2)
-            return a * a / 2 * (minus - plus), a * a * b * b / 2 * (minus + plus)
-
-    (k12, kd12), (k11, kd11), (k22, kd22) = kern(q11, q22, q12), kern(q11, q11, q11), kern(q22, q22, q22)
-    return k12, k11, k22, kd12, kd11, kd22
-
-
 SMOOTH_C_ACTS = [a for a in ACTS if a[1] in ("sin", "cos", "rbf", "exp")]
 
 
@@ -394,34 +364,12 @@ def test_trig_and_exp_carry_an_accurate_correlation(tid, name, params, wb):
     relative precision; computed as 1 − K12/√(K11 K22) it would lose ~1e-9 here.
     rtol 8 eps: a handful of roundings, nothing amplified.
     """
-    mp = mpmath
     x, others = _exact_near_duplicates()
     layers = [("dense", 1.1, 0.3), _act(name, params), ("dense", 1.2, 0.3), ("relu", {}),
               ("dense", 1.0, 0.1)]
     got = lk.kernel(_spec(layers), x[None], others)
-    with mp.workdps(50):
-        for j, other in enumerate(others):
-            x1 = [mp.mpf(float(v)) for v in x]
-            x2 = [mp.mpf(float(v)) for v in other]
-            q11, q22 = mp.fsum(u * u for u in x1) / 4, mp.fsum(u * u for u in x2) / 4
-            q12 = mp.fsum(u * v for u, v in zip(x1, x2)) / 4
-            t11 = t12 = t22 = mp.mpf(0)
-            for item in layers:
-                if item[0] == "dense":
-                    w2, b2 = mp.mpf(item[1]) ** 2, mp.mpf(item[2]) ** 2
-                    t11, t12, t22 = (w2 * q11 + b2 + w2 * t11, w2 * q12 + b2 + w2 * t12,
-                                     w2 * q22 + b2 + w2 * t22)
-                    q11, q12, q22 = w2 * q11 + b2, w2 * q12 + b2, w2 * q22 + b2
-                elif item[0] == "relu":
-                    s = mp.sqrt(q11 * q22)
-                    ang = mp.acos(q12 / s)
-                    q12 = s * (mp.sin(ang) + (mp.pi - ang) * mp.cos(ang)) / (2 * mp.pi)
-                    t11, t12, t22 = t11 / 2, t12 * (mp.pi - ang) / (2 * mp.pi), t22 / 2
-                    q11, q22 = q11 / 2, q22 / 2
-                else:
-                    k12, k11, k22, kd12, kd11, kd22 = _mp_smooth_layer(name, params, q11, q22, q12)
-                    t11, t12, t22 = t11 * kd11, t12 * kd12, t22 * kd22
-                    q11, q12, q22 = k11, k12, k22
-            ctx = f"{tid} pair={j}"
-            np.testing.assert_allclose(got["nngp"][0, j], float(q12), rtol=8 * EPS, err_msg=ctx)
-            np.testing.assert_allclose(got["ntk"][0, j], float(t12), rtol=8 * EPS, err_msg=ctx)
+    for j, other in enumerate(others):
+        (_, k12, _), (_, t12, _) = kernel_mp(_spec(layers), x, other, dps=50)
+        ctx = f"{tid} pair={j}"
+        np.testing.assert_allclose(got["nngp"][0, j], k12, rtol=8 * EPS, err_msg=ctx)
+        np.testing.assert_allclose(got["ntk"][0, j], t12, rtol=8 * EPS, err_msg=ctx)

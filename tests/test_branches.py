@@ -6,7 +6,7 @@ References, none sharing code with the kernel pass:
   (``tests/mc_networks.py``: explicit weights, hand-written backpropagation);
 * Neural Tangents' ``stax`` kernels, as reference values produced by the
   snippet quoted below (its conventions are the ones this package follows);
-* the per-pair recursion of DESIGN.md evaluated in 40-digit mpmath, with the
+* the per-pair recursion evaluated in 40-digit mpmath (:mod:`reference`), with the
   angle from mpmath's own ``acos``, for nearly identical inputs and deep stacks.
 """
 
@@ -15,9 +15,9 @@ import math
 import warnings
 
 import mc_networks
-import mpmath
 import numpy as np
 import pytest
+from reference import kernel_mp
 
 import limitkernel as lk
 from limitkernel.gram import DegenerateKernelWarning
@@ -237,56 +237,9 @@ def test_monte_carlo_fails_on_a_wrong_convention():
 
 # ------------------------------------------------------ high-precision reference
 
-mpmath.mp.dps = 40
-
-
-def _mp_relu(q11, q22, q12):
-    """(E[φφ], E[φ'φ']) of ReLU for one pair, and the diagonals (q/2, q/2)."""
-    norm = mpmath.sqrt(q11 * q22)
-    theta = mpmath.acos(max(min(q12 / norm, 1), -1))
-    k = norm * (mpmath.sin(theta) + (mpmath.pi - theta) * mpmath.cos(theta)) / (2 * mpmath.pi)
-    return k, (mpmath.pi - theta) / (2 * mpmath.pi)
-
-
-def _mp_run(layers, state):
-    """The recursion of DESIGN.md on (q11, q22, q12, Θ11, Θ22, Θ12) for a pair of
-    different examples, layer by layer, in mpmath."""
-    q11, q22, q12, t11, t22, t12 = state
-    for layer in layers:
-        if isinstance(layer, Dense):
-            w2, b2 = mpmath.mpf(layer.w_std) ** 2, mpmath.mpf(layer.b_std) ** 2
-            q11, q22, q12 = w2 * q11 + b2, w2 * q22 + b2, w2 * q12 + b2
-            t11, t22, t12 = q11 + w2 * t11, q22 + w2 * t22, q12 + w2 * t12
-        elif layer.name == "relu":
-            q12, d12 = _mp_relu(q11, q22, q12)
-            t12, t11, t22 = t12 * d12, t11 / 2, t22 / 2
-            q11, q22 = q11 / 2, q22 / 2
-        elif isinstance(layer, LayerNorm):
-            eps = mpmath.mpf(layer.eps)
-            n1, n2 = q11 + eps, q22 + eps
-            q12, t12 = q12 / mpmath.sqrt(n1 * n2), t12 / mpmath.sqrt(n1 * n2)
-            q11, q22, t11, t22 = q11 / n1, q22 / n2, t11 / n1, t22 / n2
-        elif isinstance(layer, Dropout):
-            s = 1 / (1 - mpmath.mpf(layer.p))
-            q11, q22, t11, t22 = q11 * s, q22 * s, t11 * s, t22 * s
-        elif isinstance(layer, Residual):
-            a2, b2 = mpmath.mpf(layer.alpha) ** 2, mpmath.mpf(layer.beta) ** 2
-            out = _mp_run(layer.branches[0], (q11, q22, q12, t11, t22, t12))
-            q11, q22, q12, t11, t22, t12 = (a2 * u + b2 * v for u, v in zip(
-                (q11, q22, q12, t11, t22, t12), out))
-        else:
-            raise AssertionError(f"no mpmath reference for {layer}")
-    return q11, q22, q12, t11, t22, t12
-
-
 def _mp_kernel(text, x1, x2):
-    x1 = [mpmath.mpf(float(v)) for v in x1]
-    x2 = [mpmath.mpf(float(v)) for v in x2]
-    d = len(x1)
-    start = (mpmath.fsum(u * u for u in x1) / d, mpmath.fsum(v * v for v in x2) / d,
-             mpmath.fsum(u * v for u, v in zip(x1, x2)) / d, 0, 0, 0)
-    out = _mp_run(parse(text).layers, start)
-    return float(out[2]), float(out[5])
+    (_, k12, _), (_, t12, _) = kernel_mp(text, x1, x2)
+    return k12, t12
 
 
 def _near_pairs(rng, d=16):
