@@ -32,7 +32,8 @@ from .layers import Concat as _ConcatSpec
 from .layers import Dense, Dropout, LayerNorm, get_activation
 from .layers import Parallel as _ParallelSpec
 from .layers import Residual as _ResidualSpec
-from .spec import SpecError, as_spec
+from .layers.activations import Activation
+from .spec import REGISTRY, SpecError, as_spec
 
 # The module classes are defined on first use (see __getattr__).
 __all__ = [
@@ -142,20 +143,21 @@ def __getattr__(name):
 # ------------------------------------------------------------ torch → spec
 
 # torch activation class name -> (spec text, parameters read from the module)
-_ACTIVATIONS = {
-    "ReLU": ("relu", ()),
-    "LeakyReLU": ("leaky_relu", (("alpha", "negative_slope"),)),
-    "Tanh": ("tanh", ()),
-    "SiLU": ("silu", ()),
-    "Softsign": ("softsign", ()),
-    "Identity": ("identity", ()),
-}
+def _activations():
+    """torch module name -> activation class, from each activation's ``torch`` attribute."""
+    return {cls.torch[0]: cls for cls in set(REGISTRY.values())
+            if isinstance(cls, type) and issubclass(cls, Activation) and cls.torch}
+
+
+def _describe(cls):
+    module, _, required = cls.torch
+    fixed = ", ".join(f"{k}={v!r}" for k, v in required.items())
+    return f"{module}({fixed})" if fixed else module
 
 
 def _supported():
-    return ("Linear, NTKLinear, " + ", ".join(sorted(_ACTIVATIONS))
-            + ", GELU(approximate='none'), ELU(alpha=1), Softplus(beta=1), "
-            "LayerNorm (over the last axis), Dropout, and nn.Sequential, "
+    return ("Linear, NTKLinear, " + ", ".join(sorted(_describe(c) for c in _activations().values()))
+            + ", LayerNorm (over the last axis), Dropout, and nn.Sequential, "
             "limitkernel.torch_interop.Residual, Parallel and Concat of these")
 
 
@@ -252,23 +254,15 @@ def _convert(module, where, w_std, b_std, training):
         return [LayerNorm(eps=module.eps)]
     if isinstance(module, nn.Dropout):
         return [Dropout(p=module.p)] if training and module.p > 0 else []
-    if name == "GELU" and module.approximate == "none":
-        return [_activation("gelu")]
-    if name == "ELU" and module.alpha == 1.0:
-        return [_activation("elu")]
-    if name == "Softplus" and module.beta == 1.0:
-        return [_activation("softplus")]
-    if name in _ACTIVATIONS:
-        text, params = _ACTIVATIONS[name]
-        return [_activation(text, **{k: getattr(module, attr) for k, attr in params})]
+    cls = _activations().get(name)
+    if cls is not None:
+        _, params, required = cls.torch
+        if all(getattr(module, k, None) == v for k, v in required.items()):
+            return [get_activation(cls.name, **{k: getattr(module, attr) for k, attr in params})]
     raise SpecError(
         f"from_torch: unsupported module {name} at {where} ({module}); supported: "
         f"{_supported()}"
     )
-
-
-def _activation(name, **params):
-    return get_activation(name, **params)
 
 
 def _at_init(module):
@@ -365,15 +359,13 @@ def _build(layers, n_in, width, gen, top=False, final=None):
 
 def _torch_activation(layer):
     nn = _torch().nn
-    simple = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU,
-              "softsign": nn.Softsign, "identity": nn.Identity, "gelu": nn.GELU,
-              "elu": nn.ELU, "softplus": nn.Softplus}
-    if layer.name in simple:
-        return simple[layer.name]()
-    if layer.name == "leaky_relu":
-        return nn.LeakyReLU(layer.alpha)
-    raise SpecError(f"to_torch: no torch module for {layer}; available: "
-                    f"leaky_relu, {', '.join(sorted(simple))}")
+    if layer.torch is None:
+        known = ", ".join(sorted(c.name for c in _activations().values()))
+        raise SpecError(f"to_torch: no torch module for {layer}; available: {known}")
+    module, params, required = layer.torch
+    kwargs = {attr: layer.params[key] for key, attr in params}
+    kwargs.update({k: v for k, v in required.items() if k != "approximate" or v != "none"})
+    return getattr(nn, module)(**kwargs)
 
 
 # ------------------------------------------------------------ empirical NTK

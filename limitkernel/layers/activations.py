@@ -88,6 +88,9 @@ class Activation(Layer, OpKind):
     """Base class of element-wise nonlinearities."""
 
     method = ""
+    # The torch.nn module of the same function: (class name, ((spec parameter,
+    # module attribute), ...), required module attributes), or None.
+    torch = None
 
     def forward(self, x):
         raise NotImplementedError
@@ -187,6 +190,7 @@ class Relu(ABRelu):
     """φ(x) = max(x, 0) (Neural Tangents' ``Relu()``)."""
 
     name = "relu"
+    torch = ("ReLU", (), {})
     defaults: ClassVar[dict] = {}
 
     def _ab(self):
@@ -201,6 +205,7 @@ class LeakyRelu(ABRelu):
     """
 
     name = "leaky_relu"
+    torch = ("LeakyReLU", (("alpha", "negative_slope"),), {})
     defaults: ClassVar[dict] = {"alpha": 0.01}
 
     def _ab(self):
@@ -223,6 +228,7 @@ class Identity(ABRelu):
     """φ(x) = x."""
 
     name = "identity"
+    torch = ("Identity", (), {})
     defaults: ClassVar[dict] = {}
     method = "closed form (exact)"
 
@@ -721,6 +727,7 @@ class Gelu(Activation):
     """
 
     name = "gelu"
+    torch = ("GELU", (), {"approximate": "none"})
     code = OP_GELU
     defaults: ClassVar[dict] = {}
     method = "closed form (Gaussian orthant integrals)"

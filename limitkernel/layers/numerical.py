@@ -473,10 +473,11 @@ def hermite_coefficients(fn, q, terms, nodes=200):
     return _project(_sample(fn, q, rule, "fn"), rule, terms)
 
 
-def _make_numerical(name, fn, dfn, doc, tol=1e-12, aliases=()):
+def _make_numerical(name, fn, dfn, doc, tol=1e-12, aliases=(), torch=None):
     cls = type(name.title().replace("_", ""), (Numerical,), {
         "name": name,
         "aliases": aliases,
+        "torch": torch,
         "__doc__": doc,
         "defaults": {"tol": tol, "max_terms": 400.0},
         "_fn": staticmethod(fn),
@@ -494,12 +495,13 @@ def _sech2(x):
     return (1.0 - t) * (1.0 + t)
 
 
-Tanh = _make_numerical("tanh", np.tanh, _sech2, "φ(x) = tanh(x).")
+Tanh = _make_numerical("tanh", np.tanh, _sech2, "φ(x) = tanh(x).", torch=("Tanh", (), {}))
 Softplus = _make_numerical("softplus", lambda x: np.logaddexp(0.0, x), _sigmoid,
-                           "φ(x) = log(1 + eˣ).")
+                           "φ(x) = log(1 + eˣ).", torch=("Softplus", (), {"beta": 1.0}))
 Silu = _make_numerical("silu", lambda x: x * _sigmoid(x),
                        lambda x: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x))),
-                       "φ(x) = x σ(x) (SiLU, swish).", aliases=("swish",))
+                       "φ(x) = x σ(x) (SiLU, swish).", aliases=("swish",),
+                       torch=("SiLU", (), {}))
 Elu = _make_numerical(
     "elu", lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
     lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0.0))),
@@ -507,14 +509,14 @@ Elu = _make_numerical(
     "φ'' jumps at 0, so the coefficients decay algebraically and the default tol\n"
     "is 1e-4, met within 400 terms for input variances up to about 10 (set by\n"
     "E[φ'φ']; the bound on E[φφ] is then about 1e-6).",
-    tol=1e-4)
+    tol=1e-4, torch=("ELU", (), {"alpha": 1.0}))
 Softsign = _make_numerical(
     "softsign", lambda x: x / (1.0 + np.abs(x)), lambda x: 1.0 / (1.0 + np.abs(x)) ** 2,
     "φ(x) = x / (1 + |x|).\n\n"
     "φ'' jumps at 0, so the coefficients decay algebraically and the default tol\n"
     "is 3e-3, met within 400 terms for input variances up to about 4 (set by\n"
     "E[φ'φ']; the bound on E[φφ] is then 1e-5 to 2e-4).",
-    tol=3e-3)
+    tol=3e-3, torch=("Softsign", (), {}))
 
 
 # Columns per block of a Hermite row: the block's ρ, ρ² and partial sums stay in
