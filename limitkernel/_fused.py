@@ -51,7 +51,8 @@ from .layers.dense import OP_DENSE, dense_row
 from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layernorm_row
 from .layers.numerical import OP_HERMITE, hermite_row
 
-__all__ = ["DISPATCHED", "NEAR_DUPLICATE", "gram_block", "init_row", "mirror_upper"]
+__all__ = ["DISPATCHED", "NEAR_DUPLICATE", "apply_row_op", "gram_block", "init_row",
+           "mirror_upper"]
 
 # Every opcode the pass below runs; an op it does not know leaves its code in
 # ``status`` and :mod:`limitkernel.gram` refuses the result.
@@ -86,6 +87,43 @@ def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, sym):
     if sym and j0 == i:
         one_minus_rho[0] = 0.0
         q12[0] = s1 * s1
+
+
+@jit
+def apply_row_op(code, p, q12, one_minus_rho, ntk, r11, r22, n11, n22, first_is_diagonal,
+                 want_ntk):
+    """Run an op that acts entry by entry on one row; False if ``code`` is not one.
+
+    ``r11``, ``r22`` are the roots of the diagonals entering the op (row input,
+    column inputs), ``n11``, ``n22`` those leaving it.
+    """
+    if code == OP_DENSE:
+        dense_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_ABRELU:
+        abrelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_STEP:
+        step_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_SIGN:
+        sign_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_RELU_POW:
+        relu_pow_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_TRIG:
+        trig_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_EXP:
+        exp_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_ERF:
+        erf_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_GELU:
+        gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_GAUSSIAN:
+        gaussian_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_LAYERNORM:
+        layernorm_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
+    elif code == OP_DROPOUT:
+        dropout_row(q12, one_minus_rho, ntk, p[0], first_is_diagonal, want_ntk)
+    else:
+        return False
+    return True
 
 
 @jit_parallel
@@ -131,31 +169,10 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, roots1, roots2,
             r22 = roots2[layer, j0:j0 + n]
             n11 = roots1[layer + 1, i]
             n22 = roots2[layer + 1, j0:j0 + n]
-            if code == OP_DENSE:
-                dense_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_ABRELU:
-                abrelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_STEP:
-                step_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_SIGN:
-                sign_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_RELU_POW:
-                relu_pow_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_TRIG:
-                trig_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_EXP:
-                exp_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_ERF:
-                erf_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_GELU:
-                gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_GAUSSIAN:
-                gaussian_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_LAYERNORM:
-                layernorm_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk)
-            elif code == OP_DROPOUT:
-                dropout_row(q12, one_minus_rho, ntk, p[0], sym and j0 == i, want_ntk)
-            elif code == OP_HERMITE:
+            if apply_row_op(code, p, q12, one_minus_rho, ntk, r11, r22, n11, n22,
+                            sym and j0 == i, want_ntk):
+                continue
+            if code == OP_HERMITE:
                 if rho.shape[0] < n:
                     rho = np.empty(n)
                     acc = np.empty(n)

@@ -26,7 +26,7 @@ from .spec import SpecError, as_spec
 __all__ = ["Builder", "Op", "OpKind", "Program", "ROW_WIDTH"]
 
 # Entries of the widest parameter row.
-ROW_WIDTH = 4
+ROW_WIDTH = 8
 
 
 class OpKind:
@@ -70,12 +70,21 @@ class OpKind:
 
 
 class Op:
-    """One step of a program: ``kind`` does it, with ``params`` by name."""
+    """One step of a program: ``kind`` does it, with ``params`` by name.
 
-    __slots__ = ("kind", "params", "where")
+    ``shape`` is the spatial shape (H, W) of the state entering the op, or None
+    for vectors.
+    """
 
-    def __init__(self, kind, where, params):
-        self.kind, self.where, self.params = kind, where, params
+    __slots__ = ("kind", "params", "shape", "where")
+
+    def __init__(self, kind, where, params, shape=None):
+        self.kind, self.where, self.params, self.shape = kind, where, params, shape
+
+    @property
+    def positions(self):
+        """Positions of the state entering the op (1 for vectors)."""
+        return 1 if self.shape is None else self.shape[0] * self.shape[1]
 
     def __str__(self):
         return str(self.kind)
@@ -100,12 +109,27 @@ class Builder:
         block, so it is independent of the block input.
     depth : int
         Nesting depth of blocks (stash slots 2·depth and 2·depth + 1 are theirs).
+    spatial : (int, int) or None
+        Spatial shape (H, W) of the current layer (sequences are (1, L)), or
+        None once the network works on vectors.
+    pairs : bool
+        The program carries every pair of positions (it pools), not only the
+        same-position covariances.
     """
 
-    def __init__(self, n_features, check_limit=True):
+    def __init__(self, input_shape, check_limit=True, pairs=False):
         self.check_limit = check_limit
         self.ops = []
-        self.fan_in = float(n_features)
+        self.geometries = []
+        self.pairs = pairs
+        if len(input_shape) == 1:
+            self.spatial = None
+        elif len(input_shape) == 2:
+            self.spatial = (1, int(input_shape[0]))
+        else:
+            self.spatial = (int(input_shape[0]), int(input_shape[1]))
+        self.input_spatial = self.spatial
+        self.fan_in = float(input_shape[-1])
         self.gaussian = True
         self.independent = False
         self.depth = 0
@@ -118,8 +142,13 @@ class Builder:
         if missing or len(kind.row_params) > ROW_WIDTH:
             raise RuntimeError(f"{kind!r} declares row_params {kind.row_params}, "
                                f"emitted {sorted(params)}")
-        self.ops.append(Op(kind, where, params))
+        self.ops.append(Op(kind, where, params, self.spatial))
         return len(self.ops) - 1
+
+    def add_geometry(self, geometry):
+        """Register the index maps of a spatial op; returns their index."""
+        self.geometries.append(geometry)
+        return len(self.geometries) - 1
 
     def require_gaussian(self, where, what):
         """Refuse a layer that needs a mean-zero Gaussian input where there is none."""
@@ -136,6 +165,34 @@ class Builder:
         return self
 
 
+def _needs_pairs(layers):
+    """Whether some layer (in any branch) needs every pair of positions (pooling)."""
+    for layer in layers:
+        if getattr(layer, "needs_pairs", False):
+            return True
+        if any(_needs_pairs(b.layers) for b in getattr(layer, "branches", ())):
+            return True
+    return False
+
+
+def _pack_geometries(geometries):
+    """One int table of the spatial ops' shapes and one of their index maps.
+
+    Row g of ``geo``: (H_in, W_in, H_out, W_out, k_y, k_x, offset of the y map,
+    offset of the x map) into ``imap``; the y map is (H_out, k_y) and the x map
+    (W_out, k_x), each entry an input index or −1 (a zero of the padding).
+    """
+    geo = np.zeros((max(len(geometries), 1), 8), dtype=np.int64)
+    maps, offset = [], 0
+    for g, (shape_in, shape_out, my, mx) in enumerate(geometries):
+        geo[g] = (shape_in[0], shape_in[1], shape_out[0], shape_out[1], my.shape[1],
+                  mx.shape[1], offset, offset + my.size)
+        maps.extend([my.ravel(), mx.ravel()])
+        offset += my.size + mx.size
+    imap = np.concatenate(maps).astype(np.int64) if maps else np.zeros(1, dtype=np.int64)
+    return geo, imap
+
+
 def short(layer):
     """A layer's text, cut short for messages about blocks."""
     text = str(layer)
@@ -148,6 +205,8 @@ def why_not_gaussian(state):
         "dropout": "its input has gone through dropout (each unit is a mixture)",
         "concat": "its input is a concatenation (its units have different "
                   "covariances)",
+        "flatten": "its input is a flatten of positions (units at different positions "
+                   "have different variances; put it before the flatten)",
         "sum": "its input is a sum with a non-Gaussian term (a skip connection "
                "or branch that does not end with a dense layer)",
     }.get(state, "its input is not Gaussian")
@@ -186,7 +245,7 @@ class Program:
         After :meth:`diagonals`: the network's correlation slope at ρ = 1.
     """
 
-    def __init__(self, spec, n_features, check_limit=True):
+    def __init__(self, spec, input_shape, check_limit=True):
         spec = as_spec(spec)
         if not len(spec):
             raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
@@ -196,8 +255,14 @@ class Program:
                 f"the network must end with a dense readout layer, but its last layer "
                 f"is {last}; append ', dense'"
             )
-        builder = Builder(n_features, check_limit).lower(spec.layers, is_last=True)
+        input_shape = (int(input_shape),) if np.ndim(input_shape) == 0 else \
+            tuple(int(v) for v in input_shape)
+        self.input_shape = input_shape
+        self.pairs = _needs_pairs(spec.layers)
+        builder = Builder(input_shape, check_limit, self.pairs).lower(spec.layers,
+                                                                      is_last=True)
         self.ops = builder.ops
+        self.spatial = builder.input_spatial
         self.n_slots = builder.n_slots
         for op in self.ops:
             if "n_slots" in op.params:
@@ -207,6 +272,11 @@ class Program:
         for index, op in enumerate(self.ops):
             row = op.row()
             self.prm[index, :len(row)] = row
+        # The op that turns positions into vectors (flatten, global_avg_pool).
+        self.collapse = next((i for i, op in enumerate(self.ops)
+                              if op.shape is not None and getattr(op.kind, "collapses", False)),
+                             None)
+        self.geo, self.imap = _pack_geometries(builder.geometries)
         self.chi = None
 
     @property
