@@ -1288,7 +1288,7 @@ class _NNGPRegressor(_KernelRegression):
 
 
 class _NTKClassifier:
-    __doc__ = f"""Classifier from infinitely wide networks: one-hot MSE regression or cross-entropy flow.
+    __doc__ = f"""Classifier from infinitely wide networks: one-hot MSE or cross-entropy flow.
 
     With ``loss="mse"`` (default) the network regresses one-hot targets and the
     class is the largest mean output over random initialisations (for two
