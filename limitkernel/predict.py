@@ -97,8 +97,9 @@ class KernelReport:
         Number of near-duplicate pairs in all.
     duplicates : tuple of (int, int)
         Every pair ``(i, j)``, i < j, of exactly identical inputs (equal in every
-        feature), found from the inputs themselves by sorting their rows; i is the
-        first occurrence. Empty when the inputs were not given.
+        feature), found from the inputs themselves (a hash of each row, a sort of
+        the hashes, every candidate confirmed); i is the first occurrence. Empty
+        when the inputs were not given.
     conflicts : tuple of (int, int)
         The pairs of ``duplicates`` whose targets differ (when targets were given):
         no function fits both.
@@ -335,6 +336,14 @@ def check_kernel(spec, x, get=KINDS, diag_reg=0.0, diag_reg_absolute=False):
     -------
     dict
         ``{kind: KernelReport}``; ``str(report)`` prints it.
+
+    Notes
+    -----
+    Identical inputs are found from x (one hash of each row, then a sort) and,
+    without a regulariser, make the report not positive definite whatever the
+    computed eigenvalues: the exact kernel has equal rows there, while its computed
+    value may differ from its diagonal by rounding or quadrature error. A network
+    with dropout is the exception (independent masks make them distinct examples).
     """
     kinds = _check_get(get)
     spec = as_spec(spec)
@@ -389,12 +398,65 @@ class _Duplicates(NamedTuple):
         return cls(pairs, conflicts, bool(singular))
 
 
+_NEGATIVE_ZERO = np.float64(-0.0).view(np.uint64)
+
+
+def _row_hashes(x):
+    """A 64-bit hash of each row's bits (-0.0 read as 0.0): Σ_k bits_k · m_k mod 2⁶⁴
+    with fixed random odd multipliers m_k. Equal rows have equal hashes."""
+    n, d = x.shape
+    mult = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=d, dtype=np.uint64)
+    mult |= np.uint64(1)
+    bits = x.view(np.uint64)
+    out = np.empty(n, dtype=np.uint64)
+    rows = max(1, (1 << 20) // d)
+    for r0 in range(0, n, rows):
+        block = bits[r0:r0 + rows]
+        block = np.where(block == _NEGATIVE_ZERO, np.uint64(0), block)
+        out[r0:r0 + rows] = (block * mult).sum(axis=1, dtype=np.uint64)  # wraps mod 2⁶⁴
+    return out
+
+
 def _identical_rows(x):
     """Pairs (i, j), i < j, of rows of x equal in every feature; i the first such row.
 
-    The rows are compared as byte strings after turning -0.0 into 0.0, so equal
-    means equal as numbers (x has no NaN): one sort of the rows, O(N d log N).
+    Equal means equal as numbers (x has no NaN; -0.0 equals 0.0). Rows are grouped
+    by a hash of their bits (one pass over x, then a sort of N hashes) and every
+    candidate pair is confirmed by comparing the rows; a run of equal hashes that
+    holds different rows is split exactly by sorting its rows.
     """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    n = x.shape[0]
+    empty = np.empty((0, 2), dtype=np.int64)
+    if n < 2:
+        return empty
+    hashes = _row_hashes(x)
+    order = np.argsort(hashes, kind="stable")  # ascending index within a run
+    sorted_hashes = hashes[order]
+    starts = np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]]
+    run = np.cumsum(starts) - 1
+    first = order[starts][run]
+    later = np.nonzero(~starts)[0]
+    i, j = first[later], order[later]
+    equal = np.empty(i.size, dtype=bool)
+    rows = max(1, (1 << 20) // x.shape[1])
+    for r0 in range(0, i.size, rows):
+        equal[r0:r0 + rows] = np.all(x[i[r0:r0 + rows]] == x[j[r0:r0 + rows]], axis=1)
+    pairs = [np.stack([i, j], axis=1)]
+    if not np.all(equal):
+        mixed = np.unique(run[later[~equal]])
+        keep = ~np.isin(run[later], mixed)
+        pairs = [pairs[0][keep]]
+        for r in mixed:
+            members = order[run == r]
+            pairs.append(_identical_rows_by_sorting(x[members], members))
+    pairs = np.concatenate(pairs).astype(np.int64) if pairs else empty
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def _identical_rows_by_sorting(x, index):
+    """:func:`_identical_rows` of the rows x (labelled by index, ascending), by sorting
+    them as byte strings."""
     x = np.ascontiguousarray(x, dtype=np.float64) + 0.0  # -0.0 + 0.0 == +0.0
     rows = x.view(np.dtype((np.void, x.itemsize * x.shape[1]))).ravel()
     _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True,
@@ -403,8 +465,7 @@ def _identical_rows(x):
     j = np.nonzero(counts[inverse] > 1)[0]
     i = first[inverse[j]]
     keep = i != j
-    pairs = np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    return np.stack([index[i[keep]], index[j[keep]]], axis=1)
 
 
 def _has_dropout(spec):

@@ -348,8 +348,18 @@ def brute_force_identical_pairs(x):
               elements=st.sampled_from([0.0, -0.0, 1.0, -2.5, 1e-300])))
 def test_identical_rows_match_a_brute_force_search(x):
     # Few distinct values: many repeated rows; -0.0 equals 0.0 as a number.
-    got = [tuple(p) for p in P._identical_rows(x)]
-    assert got == sorted(brute_force_identical_pairs(x))
+    expected = sorted(brute_force_identical_pairs(x))
+    assert [tuple(p) for p in P._identical_rows(x)] == expected
+    # Hash collisions between different rows are split exactly: here every row
+    # collides with every other, or with every other with as many zeros.
+    real = P._row_hashes
+    for fake in (lambda x: np.zeros(len(x), dtype=np.uint64),
+                 lambda x: np.count_nonzero(x == 0, axis=1).astype(np.uint64)):
+        P._row_hashes = fake
+        try:
+            assert [tuple(p) for p in P._identical_rows(x)] == expected
+        finally:
+            P._row_hashes = real
 
 
 # Networks whose computed kernel at two identical inputs is not exactly its
@@ -660,7 +670,8 @@ except ImportError:  # scikit-learn is optional
     parametrize_with_checks = None
 
 if parametrize_with_checks is not None:
-    @parametrize_with_checks([lk.NTKRegressor(), lk.NNGPRegressor(), lk.NTKClassifier(),
+    @parametrize_with_checks([lk.NTKRegressor(), lk.NNGPRegressor(normalize_y=True),
+                              lk.NTKClassifier(),
                               lk.NTKClassifier(loss="cross_entropy", t=100.0)])
     def test_scikit_learn_estimator_checks(estimator, check):
         check(estimator)
