@@ -202,11 +202,8 @@ class KernelReport:
             if x.shape[0] != matrix.shape[0]:
                 raise ValueError(f"x has {x.shape[0]} inputs but the kernel matrix is "
                                  f"{matrix.shape[0]} x {matrix.shape[0]}")
-        reg_matrix, added, mean_diag = _regularise(matrix, diag_reg, diag_reg_absolute)
-        evals = scipy.linalg.eigh(reg_matrix, eigvals_only=True, driver="evd",
-                                  check_finite=False)
-        duplicates = _Duplicates.of(x, y, duplicates_singular)
-        return _report(kind, evals, reg_matrix, added, mean_diag, x, duplicates)
+        return _matrix_report(kind, matrix, diag_reg, diag_reg_absolute, x,
+                              _Duplicates.of(x, y, duplicates_singular))
 
     def summary(self, knob="diag_reg"):
         """One line: what was found and, on failure, why and what to do.
@@ -350,13 +347,9 @@ def check_kernel(spec, x, get=KINDS, diag_reg=0.0, diag_reg_absolute=False):
     x = check_inputs(x, "x")
     mats = kernel(spec, x, get=kinds)
     duplicates = _Duplicates.of(x, None, not _has_dropout(spec))
-    reports = {}
-    for kind in kinds:
-        reg_matrix, added, mean_diag = _regularise(mats[kind], diag_reg, diag_reg_absolute)
-        evals = scipy.linalg.eigh(reg_matrix, eigvals_only=True, driver="evd",
-                                  check_finite=False)
-        reports[kind] = _report(kind, evals, reg_matrix, added, mean_diag, x, duplicates)
-    return reports
+    return {kind: _matrix_report(kind, mats[kind], diag_reg, diag_reg_absolute, x,
+                                 duplicates)
+            for kind in kinds}
 
 
 def _check_diag_reg(diag_reg):
@@ -450,7 +443,7 @@ def _identical_rows(x):
         for r in mixed:
             members = order[run == r]
             pairs.append(_identical_rows_by_sorting(x[members], members))
-    pairs = np.concatenate(pairs).astype(np.int64) if pairs else empty
+    pairs = np.concatenate(pairs).astype(np.int64)
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
@@ -483,6 +476,14 @@ def _block_smallest(diag_a, diag_c, off):
     big = 0.5 * (diag_a + diag_c) + np.hypot(0.5 * (diag_a - diag_c), off)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(big > 0, (diag_a * diag_c - off * off) / big, 0.0)
+
+
+def _matrix_report(kind, matrix, diag_reg, absolute, x, duplicates):
+    """:class:`KernelReport` of matrix plus diag_reg: one symmetric eigendecomposition."""
+    reg_matrix, added, mean_diag = _regularise(matrix, diag_reg, absolute)
+    evals = scipy.linalg.eigh(reg_matrix, eigvals_only=True, driver="evd",
+                              check_finite=False)
+    return _report(kind, evals, reg_matrix, added, mean_diag, x, duplicates)
 
 
 def _report(kind, evals, reg_matrix, added, mean_diag, x=None, duplicates=None):
@@ -691,15 +692,8 @@ class GradientFlowEnsemble:
 
     def report(self, kind="ntk"):
         """:class:`KernelReport` of the regularised training kernel ``kind``."""
-        matrix, added, mean_diag = _regularise(self.train_kernel(kind), self.diag_reg,
-                                               self.diag_reg_absolute)
-        evals = scipy.linalg.eigh(matrix, eigvals_only=True, driver="evd",
-                                  check_finite=False)
-        return self._report(kind, evals, matrix, added, mean_diag)
-
-    def _report(self, kind, evals, matrix, added, mean_diag):
-        return _report(kind, evals, matrix, added, mean_diag, self.x_train,
-                       self._duplicates)
+        return _matrix_report(kind, self.train_kernel(kind), self.diag_reg,
+                              self.diag_reg_absolute, self.x_train, self._duplicates)
 
     def _failure(self, kind, report=None):
         if report is None:
@@ -729,8 +723,8 @@ class GradientFlowEnsemble:
             if not evals[0] > tol:
                 matrix, added, mean_diag = _regularise(
                     self.train_kernel(kind), self.diag_reg, self.diag_reg_absolute)
-                raise self._failure(kind, self._report(kind, evals, matrix, added,
-                                                       mean_diag))
+                raise self._failure(kind, _report(kind, evals, matrix, added, mean_diag,
+                                                  self.x_train, self._duplicates))
             factor = (evals, evecs)
         else:
             tol = n * _EPS * float(np.max(np.diag(matrix)))
