@@ -23,7 +23,7 @@ from .experiments import (
     ntk_distance_at_init,
 )
 from .finite import FiniteNetwork, TrainingHistory
-from .gram import Kernel, MemoryBudgetError, kernel, kernel_diag
+from .gram import MemoryBudgetError, kernel, kernel_diag
 from .predict import (
     CrossEntropyFlow,
     GradientFlowEnsemble,
@@ -92,10 +92,14 @@ _LAZY = ("NTKRegressor", "NNGPRegressor", "NTKClassifier")
 
 
 def __getattr__(name):
-    # The scikit-learn estimators are built on first use, so that importing
-    # limitkernel does not import scikit-learn.
+    # The scikit-learn estimators and kernel are built on first use, so that
+    # importing limitkernel does not import scikit-learn.
     if name in _LAZY:
         from . import predict
 
         return getattr(predict, name)
+    if name == "Kernel":
+        from . import sklearn_kernel
+
+        return sklearn_kernel.Kernel
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

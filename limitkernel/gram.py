@@ -17,7 +17,7 @@ from . import _fused
 from ._program import Program
 from .spec import as_spec
 
-__all__ = ["KINDS", "GramPlan", "Kernel", "MemoryBudgetError", "kernel", "kernel_diag",
+__all__ = ["KINDS", "GramPlan", "MemoryBudgetError", "kernel", "kernel_diag",
            "prepare"]
 
 KINDS = ("nngp", "ntk")
@@ -411,30 +411,3 @@ def _warn_if_degenerate(kind, value, chi=None):
             DegenerateKernelWarning, stacklevel=3,
         )
 
-
-class Kernel:
-    """scikit-learn style kernel object: ``k(X, Y=None)`` and ``k.diag(X)``.
-
-    Parameters
-    ----------
-    spec : str or Serial
-        The architecture.
-    kind : {"ntk", "nngp"}
-        Which kernel the object evaluates.
-    """
-
-    def __init__(self, spec, kind="ntk"):
-        self.spec = spec
-        self.kind = kind
-
-    def __call__(self, X, Y=None):
-        return kernel(self.spec, X, Y, get=(self.kind,))[self.kind]
-
-    def diag(self, X):
-        return kernel_diag(self.spec, X, get=(self.kind,))[self.kind]
-
-    def is_stationary(self):
-        return False
-
-    def __repr__(self):
-        return f"Kernel({str(as_spec(self.spec))!r}, kind={self.kind!r})"

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.linalg
 
 from .gram import KINDS, _check_get, check_inputs, kernel, kernel_diag
-from .spec import as_spec
+from .spec import Block, Dropout, as_spec
 
 __all__ = [
     "CrossEntropyFlow",
@@ -95,6 +95,32 @@ class KernelReport:
         or inputs not given).
     n_pairs : int
         Number of near-duplicate pairs in all.
+    duplicates : tuple of (int, int)
+        Every pair ``(i, j)``, i < j, of exactly identical inputs (equal in every
+        feature), found from the inputs themselves (a hash of each row, a sort of
+        the hashes, every candidate confirmed); i is the first occurrence. Empty
+        when the inputs were not given.
+    conflicts : tuple of (int, int)
+        The pairs of ``duplicates`` whose targets differ (when targets were given):
+        no function fits both.
+    duplicate_spread : float
+        Largest |smallest eigenvalue| of the 2×2 blocks of the identical pairs,
+        without regulariser (0 when ``duplicates_singular`` is false). It is zero
+        for an exactly evaluated kernel, whose rows at identical inputs are equal;
+        anything else is the kernel's own error.
+    duplicates_singular : bool
+        Whether identical inputs make the kernel singular: true unless the network
+        has dropout, whose kernel treats identical inputs as distinct examples
+        (independent masks) and is larger on the diagonal.
+
+    Notes
+    -----
+    Identical inputs give the kernel two equal rows, so it is singular however its
+    computed eigenvalues come out: without a regulariser (``diag_reg == 0``) the
+    report is not positive definite, its condition number is infinite and its rank
+    at most n minus the number of repeated inputs. Any ``diag_reg > 0`` makes the
+    exact kernel positive definite, and the eigenvalues decide, as for any other
+    singular kernel.
     """
 
     kind: str
@@ -107,29 +133,44 @@ class KernelReport:
     mean_diagonal: float
     pairs: tuple
     n_pairs: int
+    duplicates: tuple = ()
+    conflicts: tuple = ()
+    duplicate_spread: float = 0.0
+    duplicates_singular: bool = True
+
+    @property
+    def singular_duplicates(self):
+        """Whether identical inputs make this (unregularised) kernel singular."""
+        return bool(self.duplicates) and self.duplicates_singular and self.diag_reg == 0
 
     @property
     def positive_definite(self):
-        """Whether every eigenvalue exceeds the rank tolerance."""
-        return bool(self.smallest > self.tol)
+        """Whether every eigenvalue exceeds the rank tolerance and no two inputs are
+        identical (without a regulariser)."""
+        return bool(self.smallest > self.tol) and not self.singular_duplicates
 
     @property
     def condition(self):
-        """Condition number λ_max / λ_min (inf when λ_min ≤ 0)."""
-        return self.largest / self.smallest if self.smallest > 0 else math.inf
+        """Condition number λ_max / λ_min (inf when λ_min ≤ 0 or identical inputs
+        make the kernel singular)."""
+        if self.smallest <= 0 or self.singular_duplicates:
+            return math.inf
+        return self.largest / self.smallest
 
     @property
     def suggested_diag_reg(self):
         """A relative ``diag_reg`` (power of ten) that makes the kernel well posed."""
         if self.mean_diagonal <= 0:
             return math.nan
-        shift = _PAIR_FACTOR * max(self.tol, _EPS * self.mean_diagonal) + max(-self.smallest, 0)
+        shift = (_PAIR_FACTOR * max(self.tol, _EPS * self.mean_diagonal,
+                                    self.duplicate_spread)
+                 + max(-self.smallest, 0))
         relative = shift / self.mean_diagonal + self.diag_reg / self.mean_diagonal
         return 10.0 ** math.ceil(math.log10(relative))
 
     @classmethod
     def from_matrix(cls, matrix, x=None, diag_reg=0.0, diag_reg_absolute=False,
-                    kind="kernel"):
+                    kind="kernel", y=None, duplicates_singular=True):
         """Report on a symmetric kernel matrix (one symmetric eigendecomposition).
 
         Parameters
@@ -137,19 +178,32 @@ class KernelReport:
         matrix : (n, n) array_like
             The kernel on n inputs.
         x : (n, d) array_like, optional
-            The inputs, to tell identical inputs from ones the kernel cannot
-            distinguish.
+            The inputs: identical ones are found from them (and make the kernel
+            singular), and near-duplicate pairs are told apart into identical
+            inputs and ones the kernel cannot distinguish.
         diag_reg : float
             Regulariser added to the diagonal first, relative to the mean diagonal
             unless ``diag_reg_absolute``.
+        diag_reg_absolute : bool
+            Take ``diag_reg`` in absolute units.
+        kind : str
+            Name of the kernel in the report.
+        y : (n,) or (n, c) array_like, optional
+            Targets, to name identical inputs with different targets.
+        duplicates_singular : bool
+            Whether identical inputs make the kernel singular (false for a network
+            with dropout).
         """
         matrix = np.asarray(matrix, dtype=np.float64)
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"expected a square kernel matrix, got shape {matrix.shape}")
-        reg_matrix, added, mean_diag = _regularise(matrix, diag_reg, diag_reg_absolute)
-        evals = scipy.linalg.eigh(reg_matrix, eigvals_only=True, driver="evd",
-                                  check_finite=False)
-        return _report(kind, evals, reg_matrix, added, mean_diag, x)
+        if x is not None:
+            x = check_inputs(x, "x")
+            if x.shape[0] != matrix.shape[0]:
+                raise ValueError(f"x has {x.shape[0]} inputs but the kernel matrix is "
+                                 f"{matrix.shape[0]} x {matrix.shape[0]}")
+        return _matrix_report(kind, matrix, diag_reg, diag_reg_absolute, x,
+                              _Duplicates.of(x, y, duplicates_singular))
 
     def summary(self, knob="diag_reg"):
         """One line: what was found and, on failure, why and what to do.
@@ -179,6 +233,18 @@ class KernelReport:
             return (f"the kernel is degenerate: {self.n_pairs} of {total} pairs of inputs "
                     "are indistinguishable to it (a deep network in the ordered phase: "
                     "lower the depth or b_std, or raise w_std)")
+        if self.singular_duplicates:
+            count, n_conflicts = len(self.duplicates), len(self.conflicts)
+            more = f" ({count} pairs of identical inputs in all" if count > 1 else ""
+            if n_conflicts:
+                i, j = self.conflicts[0]
+                if more:
+                    more += f", {n_conflicts} of them with different targets)"
+                return (f"inputs {i} and {j} are identical but have different targets, "
+                        f"which no function fits{more}")
+            i, j = self.duplicates[0]
+            more += ")" if more else ""
+            return f"inputs {i} and {j} are identical{more}, so the kernel has equal rows"
         if self.pairs:
             i, j, _, identical = self.pairs[0]
             what = "identical" if identical else "indistinguishable to the kernel"
@@ -198,6 +264,9 @@ class KernelReport:
         else:
             advice = (f"regularise with diag_reg={suggestion:.0e} or more (relative to the "
                       f"mean diagonal {self.mean_diagonal:.3g})")
+        if self.singular_duplicates and not self._degenerate():
+            return ("remove the repeated inputs (averaging the targets of identical "
+                    f"inputs), or {advice}")
         if self._degenerate() or not self.pairs:
             return advice
         return f"remove the duplicate inputs or {advice}"
@@ -217,6 +286,21 @@ class KernelReport:
             f"  numerical rank       {self.rank} of {self.n} (tolerance {self.tol:.3e})",
             f"  diag_reg added       {self.diag_reg:.3e} (mean diagonal {self.mean_diagonal:.6g})",
         ]
+        if self.duplicates:
+            shown = ", ".join(f"({i}, {j})" for i, j in self.duplicates[:_MAX_PAIRS])
+            more = ", ..." if len(self.duplicates) > _MAX_PAIRS else ""
+            lines.append(f"  identical inputs     {len(self.duplicates)} pairs: {shown}{more}")
+            if self.duplicates_singular:
+                lines.append(f"    kernel spread at them {self.duplicate_spread:.3e} (zero "
+                             "for an exact kernel)")
+            else:
+                lines.append("    with dropout they are distinct examples (independent "
+                             "masks)")
+            if self.conflicts:
+                shown = ", ".join(f"({i}, {j})" for i, j in self.conflicts[:_MAX_PAIRS])
+                more = ", ..." if len(self.conflicts) > _MAX_PAIRS else ""
+                lines.append(f"    with different targets {len(self.conflicts)}: "
+                             f"{shown}{more}")
         if self.n_pairs:
             lines.append(f"  near-duplicate pairs {self.n_pairs} (i, j: smallest eigenvalue "
                          "of the 2x2 block)")
@@ -249,12 +333,22 @@ def check_kernel(spec, x, get=KINDS, diag_reg=0.0, diag_reg_absolute=False):
     -------
     dict
         ``{kind: KernelReport}``; ``str(report)`` prints it.
+
+    Notes
+    -----
+    Identical inputs are found from x (one hash of each row, then a sort) and,
+    without a regulariser, make the report not positive definite whatever the
+    computed eigenvalues: the exact kernel has equal rows there, while its computed
+    value may differ from its diagonal by rounding or quadrature error. A network
+    with dropout is the exception (independent masks make them distinct examples).
     """
     kinds = _check_get(get)
+    spec = as_spec(spec)
     x = check_inputs(x, "x")
     mats = kernel(spec, x, get=kinds)
-    return {kind: KernelReport.from_matrix(mats[kind], x, diag_reg, diag_reg_absolute,
-                                           kind=kind)
+    duplicates = _Duplicates.of(x, None, not _has_dropout(spec))
+    return {kind: _matrix_report(kind, mats[kind], diag_reg, diag_reg_absolute, x,
+                                 duplicates)
             for kind in kinds}
 
 
@@ -276,15 +370,146 @@ def _regularise(matrix, diag_reg, absolute):
     return out, added, mean_diag
 
 
-def _report(kind, evals, reg_matrix, added, mean_diag, x=None):
+class _Duplicates(NamedTuple):
+    """Identical inputs (pairs (i, j), an (k, 2) array), those with different targets,
+    and whether they make the kernel singular."""
+
+    pairs: np.ndarray
+    conflicts: np.ndarray
+    singular: bool
+
+    @classmethod
+    def of(cls, x, y=None, singular=True):
+        pairs = (np.empty((0, 2), dtype=np.int64) if x is None
+                 else _identical_rows(np.asarray(x, dtype=np.float64)))
+        conflicts = pairs[:0]
+        if y is not None and pairs.size:
+            y = np.asarray(y)
+            y = y.reshape(y.shape[0], -1)
+            differ = np.any(y[pairs[:, 0]] != y[pairs[:, 1]], axis=1)
+            conflicts = pairs[differ]
+        return cls(pairs, conflicts, bool(singular))
+
+
+_NEGATIVE_ZERO = np.float64(-0.0).view(np.uint64)
+
+
+def _row_hashes(x):
+    """A 64-bit hash of each row's bits (-0.0 read as 0.0): Σ_k bits_k · m_k mod 2⁶⁴
+    with fixed random odd multipliers m_k. Equal rows have equal hashes."""
+    n, d = x.shape
+    mult = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=d, dtype=np.uint64)
+    mult |= np.uint64(1)
+    bits = x.view(np.uint64)
+    out = np.empty(n, dtype=np.uint64)
+    rows = max(1, (1 << 20) // d)
+    for r0 in range(0, n, rows):
+        block = bits[r0:r0 + rows]
+        block = np.where(block == _NEGATIVE_ZERO, np.uint64(0), block)
+        out[r0:r0 + rows] = (block * mult).sum(axis=1, dtype=np.uint64)  # wraps mod 2⁶⁴
+    return out
+
+
+def _identical_rows(x):
+    """Pairs (i, j), i < j, of rows of x equal in every feature; i the first such row.
+
+    Equal means equal as numbers (x has no NaN; -0.0 equals 0.0). Rows are grouped
+    by a hash of their bits (one pass over x, then a sort of N hashes) and every
+    candidate pair is confirmed by comparing the rows; a run of equal hashes that
+    holds different rows is split exactly by sorting its rows.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    n = x.shape[0]
+    empty = np.empty((0, 2), dtype=np.int64)
+    if n < 2:
+        return empty
+    hashes = _row_hashes(x)
+    order = np.argsort(hashes, kind="stable")  # ascending index within a run
+    sorted_hashes = hashes[order]
+    starts = np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]]
+    run = np.cumsum(starts) - 1
+    first = order[starts][run]
+    later = np.nonzero(~starts)[0]
+    i, j = first[later], order[later]
+    equal = np.empty(i.size, dtype=bool)
+    rows = max(1, (1 << 20) // x.shape[1])
+    for r0 in range(0, i.size, rows):
+        equal[r0:r0 + rows] = np.all(x[i[r0:r0 + rows]] == x[j[r0:r0 + rows]], axis=1)
+    pairs = [np.stack([i, j], axis=1)]
+    if not np.all(equal):
+        mixed = np.unique(run[later[~equal]])
+        keep = ~np.isin(run[later], mixed)
+        pairs = [pairs[0][keep]]
+        for r in mixed:
+            members = order[run == r]
+            pairs.append(_identical_rows_by_sorting(x[members], members))
+    pairs = np.concatenate(pairs).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def _identical_rows_by_sorting(x, index):
+    """:func:`_identical_rows` of the rows x (labelled by index, ascending), by sorting
+    them as byte strings."""
+    x = np.ascontiguousarray(x, dtype=np.float64) + 0.0  # -0.0 + 0.0 == +0.0
+    rows = x.view(np.dtype((np.void, x.itemsize * x.shape[1]))).ravel()
+    _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    inverse = inverse.reshape(-1)
+    j = np.nonzero(counts[inverse] > 1)[0]
+    i = first[inverse[j]]
+    keep = i != j
+    return np.stack([index[i[keep]], index[j[keep]]], axis=1)
+
+
+def _has_dropout(spec):
+    """Whether any layer of spec (blocks included) is dropout with p > 0."""
+    for layer in as_spec(spec):
+        if isinstance(layer, Dropout) and layer.p > 0:
+            return True
+        if isinstance(layer, Block) and any(_has_dropout(b) for b in layer.branches):
+            return True
+    return False
+
+
+def _block_smallest(diag_a, diag_c, off):
+    """Smallest eigenvalue of the 2x2 blocks [[a, b], [b, c]], computed stably."""
+    big = 0.5 * (diag_a + diag_c) + np.hypot(0.5 * (diag_a - diag_c), off)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(big > 0, (diag_a * diag_c - off * off) / big, 0.0)
+
+
+def _matrix_report(kind, matrix, diag_reg, absolute, x, duplicates):
+    """:class:`KernelReport` of matrix plus diag_reg: one symmetric eigendecomposition."""
+    reg_matrix, added, mean_diag = _regularise(matrix, diag_reg, absolute)
+    evals = scipy.linalg.eigh(reg_matrix, eigvals_only=True, driver="evd",
+                              check_finite=False)
+    return _report(kind, evals, reg_matrix, added, mean_diag, x, duplicates)
+
+
+def _report(kind, evals, reg_matrix, added, mean_diag, x=None, duplicates=None):
     n = reg_matrix.shape[0]
     largest = float(evals[-1])
     tol = n * _EPS * float(np.max(np.abs(evals)))
     threshold = _PAIR_FACTOR * tol
     n_pairs, pairs = _near_duplicates(reg_matrix, threshold, x)
+    rank = int(np.count_nonzero(evals > tol))
+    if duplicates is None:
+        duplicates = _Duplicates.of(None)
+    dup = duplicates.pairs
+    spread = 0.0
+    if dup.size:
+        i, j = dup[:, 0], dup[:, 1]
+        blocks = _block_smallest(reg_matrix[i, i] - added, reg_matrix[j, j] - added,
+                                 reg_matrix[i, j])
+        spread = float(np.max(np.abs(blocks))) if duplicates.singular else 0.0
+        if duplicates.singular and added == 0:
+            rank = min(rank, n - len(dup))  # each repeated row once
     return KernelReport(kind=kind, n=n, smallest=float(evals[0]), largest=largest,
-                        rank=int(np.count_nonzero(evals > tol)), tol=tol, diag_reg=added,
-                        mean_diagonal=mean_diag, pairs=pairs, n_pairs=n_pairs)
+                        rank=rank, tol=tol, diag_reg=added, mean_diagonal=mean_diag,
+                        pairs=pairs, n_pairs=n_pairs,
+                        duplicates=tuple((int(a), int(b)) for a, b in dup),
+                        conflicts=tuple((int(a), int(b)) for a, b in duplicates.conflicts),
+                        duplicate_spread=spread, duplicates_singular=duplicates.singular)
 
 
 def _near_duplicates(matrix, threshold, x=None, limit=_MAX_PAIRS):
@@ -302,10 +527,7 @@ def _near_duplicates(matrix, threshold, x=None, limit=_MAX_PAIRS):
     best_ij = np.empty((0, 2), dtype=np.int64)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        a, c, b = diag[r0:r1, None], diag[None, :], matrix[r0:r1]
-        big = 0.5 * (a + c) + np.hypot(0.5 * (a - c), b)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            small = np.where(big > 0, (a * c - b * b) / big, 0.0)
+        small = _block_smallest(diag[r0:r1, None], diag[None, :], matrix[r0:r1])
         mask = (cols[None, :] > np.arange(r0, r1)[:, None]) & (small <= threshold)
         ii, jj = np.nonzero(mask)
         if ii.size == 0:
@@ -443,6 +665,8 @@ class GradientFlowEnsemble:
         self._knob = "diag_reg"
         self._train = {}
         self._factors = {}
+        self._duplicates = _Duplicates.of(self.x_train, self.y_train,
+                                          not _has_dropout(self.spec))
 
     @property
     def n_train(self):
@@ -468,8 +692,8 @@ class GradientFlowEnsemble:
 
     def report(self, kind="ntk"):
         """:class:`KernelReport` of the regularised training kernel ``kind``."""
-        return KernelReport.from_matrix(self.train_kernel(kind), self.x_train,
-                                        self.diag_reg, self.diag_reg_absolute, kind=kind)
+        return _matrix_report(kind, self.train_kernel(kind), self.diag_reg,
+                              self.diag_reg_absolute, self.x_train, self._duplicates)
 
     def _failure(self, kind, report=None):
         if report is None:
@@ -481,13 +705,16 @@ class GradientFlowEnsemble:
 
         ``finite=True``: the eigendecomposition used for finite times (and any
         time); ``finite=False``: the Cholesky factorisation used for t = ∞. Raises
-        :class:`NotPositiveDefiniteError` when the kernel is numerically singular.
+        :class:`NotPositiveDefiniteError` when the kernel is numerically singular,
+        and, without a regulariser, when two training inputs are identical.
         """
         key = (kind, "eigh" if finite else "cholesky")
         if key in self._factors:
             return self._factors[key]
-        matrix, _, _ = _regularise(self.train_kernel(kind), self.diag_reg,
-                                   self.diag_reg_absolute)
+        matrix, added, _ = _regularise(self.train_kernel(kind), self.diag_reg,
+                                       self.diag_reg_absolute)
+        if added == 0 and self._duplicates.singular and self._duplicates.pairs.size:
+            raise self._failure(kind)
         n = matrix.shape[0]
         if finite:
             evals, evecs = scipy.linalg.eigh(matrix, driver="evd", overwrite_a=True,
@@ -497,7 +724,7 @@ class GradientFlowEnsemble:
                 matrix, added, mean_diag = _regularise(
                     self.train_kernel(kind), self.diag_reg, self.diag_reg_absolute)
                 raise self._failure(kind, _report(kind, evals, matrix, added, mean_diag,
-                                                  self.x_train))
+                                                  self.x_train, self._duplicates))
             factor = (evals, evecs)
         else:
             tol = n * _EPS * float(np.max(np.diag(matrix)))
@@ -513,7 +740,7 @@ class GradientFlowEnsemble:
         self._factors[key] = factor
         return factor
 
-    def predict(self, x_test, t=np.inf, get=KINDS, cov="full"):
+    def predict(self, x_test, t=np.inf, get=KINDS, cov=None):
         """Mean and covariance of the trained networks' outputs at times t.
 
         Parameters
@@ -527,9 +754,10 @@ class GradientFlowEnsemble:
         get : {"nngp", "ntk"} or tuple of them
             "ntk": all layers trained; "nngp": only the readout trained (at t = ∞ the
             NNGP posterior with noise variance equal to the regulariser).
-        cov : {"full", "var", None}
-            The M × M covariance (and its diagonal), only the variances (without
-            forming an M × M matrix), or neither.
+        cov : {None, "full", "var"}
+            None (default): the mean only, as Neural Tangents' default; "full": the
+            M × M covariance and its diagonal; "var": only the variances, without
+            forming an M × M matrix.
 
         Returns
         -------
@@ -639,7 +867,7 @@ class GradientFlowEnsemble:
 
 
 def predict_ensemble(spec, x_train, y_train, x_test, t=np.inf, get=KINDS,
-                     learning_rate=1.0, diag_reg=0.0, diag_reg_absolute=False, cov="full"):
+                     learning_rate=1.0, diag_reg=0.0, diag_reg_absolute=False, cov=None):
     """Outputs of infinitely wide networks trained by gradient flow on MSE, over inits.
 
     Parameters
@@ -663,13 +891,23 @@ def predict_ensemble(spec, x_train, y_train, x_test, t=np.inf, get=KINDS,
         Diagonal regulariser of the training kernel, relative to its mean diagonal.
     diag_reg_absolute : bool
         Take ``diag_reg`` in absolute units.
-    cov : {"full", "var", None}
-        Full covariance, variances only, or the mean only.
+    cov : {None, "full", "var"}
+        None (default, as in Neural Tangents): the mean only, which needs neither
+        the test-test kernel nor the NNGP when ``get="ntk"``; "full": the M × M
+        covariance too; "var": the variances only (no M × M matrix).
 
     Returns
     -------
     dict
-        ``{kind: Prediction(mean, cov, var, t)}``.
+        ``{kind: Prediction(mean, cov, var, t)}``; ``cov`` and ``var`` are None
+        unless requested.
+
+    Raises
+    ------
+    NotPositiveDefiniteError
+        When the regularised training kernel is numerically singular, or, with
+        ``diag_reg=0``, when two training inputs are identical; the message names
+        the pair (and whether their targets differ) and the fix.
 
     See Also
     --------
@@ -680,7 +918,7 @@ def predict_ensemble(spec, x_train, y_train, x_test, t=np.inf, get=KINDS,
     return ensemble.predict(x_test, t, get, cov)
 
 
-def nngp_posterior(spec, x_train, y_train, x_test, noise=0.0, cov="full"):
+def nngp_posterior(spec, x_train, y_train, x_test, noise=0.0, cov=None):
     """Bayesian posterior of an infinitely wide network (a GP with the NNGP kernel).
 
     .. math::
@@ -690,11 +928,20 @@ def nngp_posterior(spec, x_train, y_train, x_test, noise=0.0, cov="full"):
 
     Parameters
     ----------
+    spec : str or Serial
+        The architecture.
+    x_train : (N, d) array_like
+        Training inputs.
+    y_train : (N,) or (N, c) array_like
+        Training targets.
+    x_test : (M, d) array_like
+        Test inputs.
     noise : float
         Observation noise variance σ² (absolute). With ``noise=0`` the training
-        kernel must be positive definite.
-    cov : {"full", "var", None}
-        Full covariance of the latent outputs, their variances only, or neither.
+        kernel must be positive definite, and no two training inputs identical.
+    cov : {None, "full", "var"}
+        The mean only (default), also the full covariance of the latent outputs,
+        or their variances only.
 
     Returns
     -------
@@ -879,18 +1126,31 @@ def cross_entropy_flow(spec, x_train, y_train, x_test=None, t=(0.0, 1.0, 10.0, 1
 DEFAULT_ARCH = "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.05)"
 
 
+_ESTIMATOR_PARAMS = """arch : str or Serial, default=DEFAULT_ARCH
+        The architecture spec; the default, ``"3 * [dense(w_std=1.5, b_std=0.05),
+        relu], dense(w_std=1.5, b_std=0.05)"``, equals ``lk.mlp(3, "relu",
+        w_std=1.5, b_std=0.05)``. To tune σ_w or σ_b, search over a list of
+        specs, e.g. ``{"arch": [lk.mlp(3, "relu", w_std=w, b_std=0.05) for w in
+        (1.0, 1.5, 2.0)]}``.
+    t : float, default=inf
+        Training time of the network; ``inf`` trains to convergence. Time enters
+        as s = η t / (N c) (loss ½·mean over the N·c training targets), so only
+        ``learning_rate * t`` matters."""
+
+
 class _KernelRegression:
     """Shared fit/predict of the regressors; ``_mode`` is "ntk" or "nngp"."""
 
     _mode = "ntk"
 
     def __init__(self, arch=DEFAULT_ARCH, t=np.inf, learning_rate=1.0, diag_reg=1e-6,
-                 diag_reg_absolute=False):
+                 diag_reg_absolute=False, normalize_y=False):
         self.arch = arch
         self.t = t
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
         self.diag_reg_absolute = diag_reg_absolute
+        self.normalize_y = normalize_y
 
     def fit(self, X, y):
         """Compute and factorise the training kernel.
@@ -898,18 +1158,38 @@ class _KernelRegression:
         Parameters
         ----------
         X : (N, d) array_like
+            Training inputs.
         y : (N,) or (N, c) array_like
+            Training targets.
 
         Returns
         -------
         self
+            The fitted estimator.
+
+        Raises
+        ------
+        NotPositiveDefiniteError
+            When the regularised training kernel is numerically singular, or, with
+            ``diag_reg=0``, when two training inputs are identical.
         """
         X, y = _validate(self, X, y, reset=True, multi_output=True, y_numeric=True)
         times, scalar = _check_times(self.t)
         if not scalar:
             raise ValueError(f"t must be one time for an estimator, got {self.t!r}")
-        ensemble = GradientFlowEnsemble(self.arch, X, y, self.learning_rate, self.diag_reg,
-                                        self.diag_reg_absolute)
+        y = np.asarray(y, dtype=np.float64)
+        if self.normalize_y:
+            # scikit-learn's GaussianProcessRegressor: a constant column keeps scale 1.
+            self.y_train_mean_ = np.mean(y, axis=0)
+            std = np.std(y, axis=0)
+            constant = std <= 10 * _EPS * np.abs(self.y_train_mean_)
+            self.y_train_std_ = np.where(constant | (std == 0), 1.0, std)
+        else:
+            self.y_train_mean_ = np.zeros(y.shape[1:])
+            self.y_train_std_ = np.ones(y.shape[1:])
+        targets = (y - self.y_train_mean_) / self.y_train_std_
+        ensemble = GradientFlowEnsemble(self.arch, X, targets, self.learning_rate,
+                                        self.diag_reg, self.diag_reg_absolute)
         ensemble.factorise(self._mode, finite=not np.isinf(times[0]))
         self.ensemble_ = ensemble
         return self
@@ -920,16 +1200,21 @@ class _KernelRegression:
         Parameters
         ----------
         X : (M, d) array_like
+            Test inputs.
         return_std : bool
             Also return the standard deviation over initialisations, shape (M,) or
-            (M, c) (the same for every output).
+            (M, c), in the units of the targets.
         return_cov : bool
-            Also return the covariance, shape (M, M) or (M, M, c).
+            Also return the covariance, shape (M, M) or (M, M, c), in the squared
+            units of the targets.
 
         Returns
         -------
         mean : (M,) or (M, c) ndarray
+            Mean output, in the units of the targets.
         std or cov : ndarray, only if requested
+            Without ``normalize_y`` the same for every output column; with it,
+            column k is scaled by the standard deviation of target column k.
         """
         if return_std and return_cov:
             raise ValueError("at most one of return_std and return_cov can be requested")
@@ -937,84 +1222,171 @@ class _KernelRegression:
         X = _validate(self, X, reset=False)
         cov = "full" if return_cov else "var" if return_std else None
         pred = self.ensemble_.predict(X, self.t, self._mode, cov)[self._mode]
-        mean = pred.mean
+        scale, shift = self.y_train_std_, self.y_train_mean_
+        mean = pred.mean * scale + shift
         if not (return_std or return_cov):
             return mean
-        c = None if mean.ndim == 1 else mean.shape[1]
         if return_std:
             std = np.sqrt(np.maximum(pred.var, 0.0))
-            return mean, (std if c is None else np.repeat(std[:, None], c, axis=1))
-        return mean, (pred.cov if c is None else np.repeat(pred.cov[:, :, None], c, axis=2))
+            return mean, (std * scale if mean.ndim == 1 else std[:, None] * scale)
+        if mean.ndim == 1:
+            return mean, pred.cov * scale ** 2
+        return mean, pred.cov[:, :, None] * scale ** 2
 
 
 class _NTKRegressor(_KernelRegression):
-    """Infinitely wide network trained by gradient flow on MSE (all layers), as a regressor.
+    __doc__ = f"""Infinitely wide network trained by gradient flow on MSE (all layers).
 
-    Predicts the mean over random initialisations (Lee et al. 2019) of the network
-    ``arch`` trained for time ``t`` (``inf``: to convergence, NTK kernel regression).
+    Predicts the mean, over random initialisations, of the network ``arch``
+    trained by gradient flow for time ``t`` (``inf``: to convergence, which is
+    kernel regression with the NTK Θ), and its standard deviation or covariance
+    (Lee et al. 2019). Fitting computes and factorises the N × N training NTK
+    once; prediction costs one M × N kernel (and the test-test NNGP for the
+    uncertainty).
 
     Parameters
     ----------
-    arch : str or Serial
-        The architecture spec.
-    t : float
-        Training time; time enters as η t / (N c).
-    learning_rate : float
-        η.
-    diag_reg : float
-        Diagonal regulariser of the training NTK, relative to its mean diagonal.
-    diag_reg_absolute : bool
+    {_ESTIMATOR_PARAMS}
+    learning_rate : float, default=1.0
+        η of gradient flow; only ``learning_rate * t`` matters.
+    diag_reg : float, default=1e-6
+        Added to the diagonal of the training NTK before it is factorised,
+        relative to its mean diagonal (Neural Tangents' ``diag_reg``); 0 requires
+        a positive definite kernel, and so distinct training inputs.
+    diag_reg_absolute : bool, default=False
         Take ``diag_reg`` in absolute units.
+    normalize_y : bool, default=False
+        As in scikit-learn's ``GaussianProcessRegressor``: subtract the mean of
+        the training targets and divide by their standard deviation (per column)
+        before fitting, and undo both on the mean and the std or covariance of
+        ``predict``. Without it the targets are fitted as they are by a network
+        whose outputs at initialisation have variance K(x, x): the std of
+        ``predict`` is then the spread over initialisations of that network, of
+        the kernel's scale whatever the targets' scale. With it, the network is
+        trained on standardised targets and its outputs rescaled, so the std is
+        in proportion to the targets' spread.
 
     Attributes
     ----------
     ensemble_ : GradientFlowEnsemble
-        Training kernels and factorisation.
+        Training kernels and their factorisation (of the standardised targets
+        with ``normalize_y``).
+    y_train_mean_, y_train_std_ : ndarray, shape () or (c,)
+        The shift and scale of the targets (0 and 1 without ``normalize_y``).
     n_features_in_ : int
+        Number of input features seen in ``fit``.
+
+    See Also
+    --------
+    NNGPRegressor : only the readout trained; at t = inf the NNGP posterior.
+    GradientFlowEnsemble : the same predictions, at many times at once.
+
+    Examples
+    --------
+    >>> import numpy as np, limitkernel as lk
+    >>> from sklearn.model_selection import GridSearchCV
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((60, 3)); y = np.sin(X[:, 0]) + 0.1 * X[:, 1]
+    >>> grid = {{"arch": [lk.mlp(2, "relu", w_std=w, b_std=0.05) for w in (1.0, 2.0)],
+    ...         "diag_reg": [1e-4, 1e-1]}}
+    >>> search = GridSearchCV(lk.NTKRegressor(normalize_y=True), grid, cv=3).fit(X, y)
+    >>> mean, std = search.best_estimator_.predict(X[:5], return_std=True)
     """
 
     _mode = "ntk"
 
 
 class _NNGPRegressor(_KernelRegression):
-    """NNGP regression: the readout-trained ensemble, at t = ∞ the Bayesian posterior.
+    __doc__ = f"""NNGP regression: only the readout trained; at t = inf the Bayesian posterior.
 
-    Parameters are those of :class:`NTKRegressor`; at ``t=inf``, ``diag_reg`` is the
-    observation noise variance (relative to the mean diagonal of K unless
-    ``diag_reg_absolute``).
+    Predicts the mean, over random initialisations, of the network ``arch`` of
+    which only the readout layer is trained by gradient flow for time ``t``,
+    and its standard deviation or covariance. At ``t=inf`` this is Gaussian
+    process regression with the NNGP kernel K: mean K*X (K + σ² I)⁻¹ y and the
+    posterior covariance of the latent function, σ² being ``diag_reg``.
+
+    Parameters
+    ----------
+    {_ESTIMATOR_PARAMS}
+    learning_rate : float, default=1.0
+        η of gradient flow; only ``learning_rate * t`` matters.
+    diag_reg : float, default=1e-6
+        Added to the diagonal of the training NNGP kernel before it is
+        factorised, relative to its mean diagonal; at ``t=inf`` it is the
+        observation noise variance σ² (absolute with ``diag_reg_absolute``, or
+        after ``normalize_y`` in units of the standardised targets). 0 requires
+        a positive definite kernel, and so distinct training inputs.
+    diag_reg_absolute : bool, default=False
+        Take ``diag_reg`` in absolute units.
+    normalize_y : bool, default=False
+        As in scikit-learn's ``GaussianProcessRegressor``: fit the standardised
+        targets (mean 0, std 1 per column) and undo the standardisation on the
+        mean and the std or covariance of ``predict``. Without it the prior
+        variance is K(x, x) whatever the targets' scale, and so is the std.
+
+    Attributes
+    ----------
+    ensemble_ : GradientFlowEnsemble
+        Training kernels and their factorisation.
+    y_train_mean_, y_train_std_ : ndarray, shape () or (c,)
+        The shift and scale of the targets (0 and 1 without ``normalize_y``).
+    n_features_in_ : int
+        Number of input features seen in ``fit``.
+
+    See Also
+    --------
+    NTKRegressor : all layers trained.
+    nngp_posterior : the posterior as a function.
     """
 
     _mode = "nngp"
 
 
 class _NTKClassifier:
-    """Classifier from infinitely wide networks: one-hot MSE regression or cross-entropy flow.
+    __doc__ = f"""Classifier from infinitely wide networks: one-hot MSE or cross-entropy flow.
+
+    With ``loss="mse"`` (default) the network regresses one-hot targets and the
+    class is the largest mean output over random initialisations (for two
+    classes, the sign of their difference). With ``loss="cross_entropy"`` the
+    outputs follow the function-space gradient flow of the cross-entropy loss
+    from f = 0, and ``predict_proba`` gives softmax(f).
 
     Parameters
     ----------
-    arch : str or Serial
-        The architecture spec.
-    t : float
-        Training time; must be finite for ``loss="cross_entropy"``.
-    learning_rate : float
-        η.
-    diag_reg : float
-        Diagonal regulariser (MSE only), relative unless ``diag_reg_absolute``.
-    diag_reg_absolute : bool
+    {_ESTIMATOR_PARAMS}
+        Must be finite for ``loss="cross_entropy"``, whose flow does not
+        converge on separable data.
+    learning_rate : float, default=1.0
+        η of gradient flow; only ``learning_rate * t`` matters.
+    diag_reg : float, default=1e-6
+        ``loss="mse"`` only: added to the diagonal of the training kernel before
+        it is factorised, relative to its mean diagonal; 0 requires a positive
+        definite kernel, and so distinct training inputs.
+    diag_reg_absolute : bool, default=False
         Take ``diag_reg`` in absolute units.
-    loss : {"mse", "cross_entropy"}
+    loss : {{"mse", "cross_entropy"}}, default="mse"
         "mse": the ensemble mean of a network regressing one-hot targets;
-        "cross_entropy": the function-space cross-entropy flow from f = 0 (then
-        ``predict_proba`` is available).
-    mode : {"ntk", "nngp"}
-        Train all layers, or only the readout.
+        "cross_entropy": the cross-entropy flow (then ``predict_proba`` exists).
+    mode : {{"ntk", "nngp"}}, default="ntk"
+        Train all layers (NTK), or only the readout (NNGP kernel).
 
     Attributes
     ----------
-    classes_ : ndarray
-    ensemble_ : GradientFlowEnsemble (loss="mse")
-    flow_ : ndarray (N, c) (loss="cross_entropy"): ∫₀ᵗ (softmax(f) − Y) dτ
+    classes_ : ndarray, shape (c,)
+        The class labels, sorted.
+    ensemble_ : GradientFlowEnsemble
+        ``loss="mse"``: training kernel and factorisation.
+    flow_ : ndarray, shape (N, c)
+        ``loss="cross_entropy"``: the integral ∫₀ᵗ (softmax(f) − Y) dτ, from
+        which the outputs on any input follow.
+    X_train_ : ndarray, shape (N, d)
+        ``loss="cross_entropy"``: the training inputs.
     n_features_in_ : int
+        Number of input features seen in ``fit``.
+
+    See Also
+    --------
+    cross_entropy_flow : the flow as a function, with the loss along the way.
     """
 
     def __init__(self, arch=DEFAULT_ARCH, t=np.inf, learning_rate=1.0, diag_reg=1e-6,

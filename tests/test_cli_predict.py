@@ -35,7 +35,7 @@ def test_predict_writes_one_slice_per_time(files, capsys):
         assert sorted(data.files) == ["nngp_cov", "nngp_mean", "ntk_cov", "ntk_mean", "times"]
         assert_allclose(data["times"], [10.0, 100.0, np.inf])
         ref = lk.predict_ensemble(SPEC, x, y, xs, t=[10.0, 100.0, np.inf], learning_rate=0.5,
-                                  diag_reg=1e-6)
+                                  diag_reg=1e-6, cov="full")
         for mode in ("ntk", "nngp"):
             assert data[f"{mode}_mean"].shape == (3, 8)
             assert data[f"{mode}_cov"].shape == (3, 8, 8)

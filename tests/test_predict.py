@@ -5,6 +5,9 @@ import sys
 import numpy as np
 import pytest
 import scipy.linalg
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from numpy.testing import assert_allclose
 
 import limitkernel as lk
@@ -65,7 +68,7 @@ def test_matches_neural_tangents_reference_values():
         ),
     }
     out = lk.predict_ensemble(RELU1, x, y, xs, t=[3.0, 30.0], learning_rate=2.0,
-                              diag_reg=1e-2)
+                              diag_reg=1e-2, cov="full")
     for kind, (mean, cov) in ref.items():
         assert_allclose(out[kind].mean, mean, rtol=1e-12, atol=1e-14)
         assert_allclose(out[kind].cov, cov, rtol=1e-12, atol=1e-14)
@@ -77,7 +80,7 @@ def test_matches_neural_tangents_reference_values():
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
 def test_time_zero_is_the_prior(kind):
     x, y, xs = data(c=3)
-    pred = lk.predict_ensemble(RELU2, x, y, xs, t=0.0, get=kind)[kind]
+    pred = lk.predict_ensemble(RELU2, x, y, xs, t=0.0, get=kind, cov="full")[kind]
     assert np.all(pred.mean == 0.0)
     assert_allclose(pred.cov, lk.kernel(RELU2, xs, get="nngp")["nngp"], rtol=1e-14)
     var = lk.predict_ensemble(RELU2, x, y, xs, t=0.0, get=kind, cov="var")[kind].var
@@ -89,7 +92,7 @@ def test_time_zero_is_the_prior(kind):
 @pytest.mark.parametrize("c", [None, 2])
 def test_infinite_time_interpolates_training_targets(kind, t, c):
     x, y, _ = data(c=c)
-    pred = lk.predict_ensemble(RELU2, x, y, x, t=t, get=kind)[kind]
+    pred = lk.predict_ensemble(RELU2, x, y, x, t=t, get=kind, cov="full")[kind]
     mean = pred.mean if np.ndim(t) == 0 else pred.mean[0]
     cov = pred.cov if np.ndim(t) == 0 else pred.cov[0]
     assert mean.shape == y.shape
@@ -163,7 +166,7 @@ def test_nngp_posterior_is_bayesian_linear_regression_for_identity_network():
     # Prior θ ~ N(0, I): posterior precision I + ψᵀψ/σ².
     post_cov = np.linalg.inv(np.eye(psi.shape[1]) + psi.T @ psi / noise)
     post_mean = post_cov @ psi.T @ y / noise
-    got = lk.nngp_posterior(LINEAR, x, y, xs, noise=noise)
+    got = lk.nngp_posterior(LINEAR, x, y, xs, noise=noise, cov="full")
     assert_allclose(got.mean, psis @ post_mean, rtol=1e-10)
     assert_allclose(got.cov, psis @ post_cov @ psis.T, rtol=1e-9, atol=1e-13)
     var = lk.nngp_posterior(LINEAR, x, y, xs, noise=noise, cov="var").var
@@ -184,7 +187,7 @@ def test_covariance_equals_linear_map_of_the_prior(kind):
     a = np.linalg.solve(train, np.eye(15) - scipy.linalg.expm(-s * train))
     lin = np.hstack([-k_all[kind][15:, :15] @ a, np.eye(6)])
     got = lk.predict_ensemble(RELU2, x, y, xs, t=t, get=kind, learning_rate=lr,
-                              diag_reg=reg)[kind]
+                              diag_reg=reg, cov="full")[kind]
     if kind == "ntk":
         assert_allclose(got.cov, lin @ prior @ lin.T, rtol=1e-9, atol=1e-12)
     else:
@@ -199,8 +202,8 @@ def test_covariance_equals_linear_map_of_the_prior(kind):
 def test_finite_time_converges_to_infinite_time(kind):
     x, y, xs = data(c=2)
     times = [1e1, 1e2, 1e3, 1e4, 1e6, 1e9]
-    inf = lk.predict_ensemble(RELU2, x, y, xs, get=kind)[kind]
-    fin = lk.predict_ensemble(RELU2, x, y, xs, t=times, get=kind)[kind]
+    inf = lk.predict_ensemble(RELU2, x, y, xs, get=kind, cov="full")[kind]
+    fin = lk.predict_ensemble(RELU2, x, y, xs, t=times, get=kind, cov="full")[kind]
     errors = [rel(m, inf.mean) for m in fin.mean]
     assert np.all(np.diff(errors) <= 0)
     assert errors[0] > 1e-3 and errors[-1] < 1e-9
@@ -210,9 +213,10 @@ def test_finite_time_converges_to_infinite_time(kind):
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
 def test_eigendecomposition_at_infinity_agrees_with_cholesky(kind):
     x, y, xs = data(n=60, m=10, c=3, seed=2)
-    chol = lk.predict_ensemble(RELU2, x, y, xs, t=np.inf, get=kind, diag_reg=1e-6)[kind]
+    chol = lk.predict_ensemble(RELU2, x, y, xs, t=np.inf, get=kind, diag_reg=1e-6,
+                               cov="full")[kind]
     eigh = lk.predict_ensemble(RELU2, x, y, xs, t=[1e30, np.inf], get=kind,
-                               diag_reg=1e-6)[kind]
+                               diag_reg=1e-6, cov="full")[kind]
     for k in range(2):
         assert_allclose(eigh.mean[k], chol.mean, rtol=1e-8, atol=1e-10)
         assert_allclose(eigh.cov[k], chol.cov, rtol=1e-8, atol=1e-10)
@@ -222,16 +226,17 @@ def test_multiple_outputs_share_one_time_scale_n_times_c():
     # Loss ½·mean over N·c targets: with c outputs, each column at time t equals a
     # single-output fit of that column at time t / c.
     x, y, xs = data(c=3)
-    multi = lk.predict_ensemble(RELU2, x, y, xs, t=30.0, get="ntk")["ntk"]
+    multi = lk.predict_ensemble(RELU2, x, y, xs, t=30.0, get="ntk", cov="full")["ntk"]
     for j in range(3):
-        single = lk.predict_ensemble(RELU2, x, y[:, j], xs, t=10.0, get="ntk")["ntk"]
+        single = lk.predict_ensemble(RELU2, x, y[:, j], xs, t=10.0, get="ntk",
+                                     cov="full")["ntk"]
         assert_allclose(multi.mean[:, j], single.mean, rtol=1e-12)
         assert_allclose(multi.cov, single.cov, rtol=1e-12)
 
 
 def test_shapes_times_and_variance_without_test_test_matrix(monkeypatch):
     x, y, xs = data(c=2)
-    full = lk.predict_ensemble(RELU2, x, y, xs, t=[0.0, 5.0, np.inf])
+    full = lk.predict_ensemble(RELU2, x, y, xs, t=[0.0, 5.0, np.inf], cov="full")
     calls = []
     real_kernel = P.kernel
 
@@ -252,6 +257,33 @@ def test_shapes_times_and_variance_without_test_test_matrix(monkeypatch):
         assert_allclose(var[kind].mean, full[kind].mean, rtol=1e-13)
     mean_only = lk.predict_ensemble(RELU2, x, y[:, 0], xs, t=2.0, get="ntk", cov=None)["ntk"]
     assert mean_only.mean.shape == (7,) and mean_only.cov is None and mean_only.var is None
+
+
+def test_default_is_the_mean_only_without_test_test_kernel_or_nngp(monkeypatch):
+    x, y, xs = data(c=2)
+    calls = []
+    real_kernel, real_diag = P.kernel, P.kernel_diag
+
+    def spy(spec, x1, x2=None, get=("nngp", "ntk"), **kwargs):
+        calls.append((x1.shape[0], None if x2 is None else x2.shape[0], get))
+        return real_kernel(spec, x1, x2, get=get, **kwargs)
+
+    def spy_diag(*args, **kwargs):
+        calls.append("diag")
+        return real_diag(*args, **kwargs)
+
+    monkeypatch.setattr(P, "kernel", spy)
+    monkeypatch.setattr(P, "kernel_diag", spy_diag)
+    for t in (np.inf, [1.0, np.inf]):
+        calls.clear()
+        pred = lk.predict_ensemble(RELU2, x, y, xs, t=t, get="ntk")["ntk"]
+        assert pred.cov is None and pred.var is None
+        assert "diag" not in calls and (7, None, "nngp") not in calls
+        assert all("nngp" not in call[2] for call in calls)  # the NTK alone
+        full = lk.predict_ensemble(RELU2, x, y, xs, t=t, get="ntk", cov="full")["ntk"]
+        assert_allclose(pred.mean, full.mean, rtol=1e-14)
+    assert lk.nngp_posterior(RELU2, x, y, xs, noise=0.1).cov is None
+    assert lk.GradientFlowEnsemble(RELU2, x, y).predict(xs)["nngp"].var is None
 
 
 def test_ensemble_reuses_one_factorisation_for_all_times(monkeypatch):
@@ -292,12 +324,138 @@ def test_duplicate_inputs_fail_with_cause_and_fix_never_nan():
             assert "inputs 5 and 24 are identical" in message
             assert "diag_reg=" in message and "\n" not in message
             assert err.value.report.pairs[0][:2] == (5, 24)
-    out = lk.predict_ensemble(RELU2, xd, yd, xs, t=[1.0, np.inf], diag_reg=1e-8)
+    out = lk.predict_ensemble(RELU2, xd, yd, xs, t=[1.0, np.inf], diag_reg=1e-8,
+                              cov="full")
     for pred in out.values():
         assert np.all(np.isfinite(pred.mean)) and np.all(np.isfinite(pred.cov))
     with pytest.raises(lk.NotPositiveDefiniteError, match="noise="):
         lk.nngp_posterior(RELU2, xd, yd, xs)
     assert np.all(np.isfinite(lk.nngp_posterior(RELU2, xd, yd, xs, noise=1e-6).mean))
+
+
+def brute_force_identical_pairs(x):
+    """Every (i, j), i < j, with x[i] == x[j] in every feature, j paired with its first i."""
+    pairs = []
+    for j in range(len(x)):
+        for i in range(j):
+            if np.all(x[i] == x[j]):
+                pairs.append((i, j))
+                break
+    return pairs
+
+
+@given(arrays(np.float64, st.tuples(st.integers(1, 30), st.integers(1, 3)),
+              elements=st.sampled_from([0.0, -0.0, 1.0, -2.5, 1e-300])))
+def test_identical_rows_match_a_brute_force_search(x):
+    # Few distinct values: many repeated rows; -0.0 equals 0.0 as a number.
+    expected = sorted(brute_force_identical_pairs(x))
+    assert [tuple(p) for p in P._identical_rows(x)] == expected
+    # Hash collisions between different rows are split exactly: here every row
+    # collides with every other, or with every other with as many zeros.
+    real = P._row_hashes
+    for fake in (lambda x: np.zeros(len(x), dtype=np.uint64),
+                 lambda x: np.count_nonzero(x == 0, axis=1).astype(np.uint64)):
+        P._row_hashes = fake
+        try:
+            assert [tuple(p) for p in P._identical_rows(x)] == expected
+        finally:
+            P._row_hashes = real
+
+
+# Networks whose computed kernel at two identical inputs is not exactly its
+# diagonal (the rows differ by rounding or quadrature error), so the eigenvalues
+# alone call it positive definite.
+SPREAD_SPECS = ["dense, elu, dense, relu, dense", "dense, softsign, dense, relu, dense",
+                "dense, erf, dense"]
+
+
+@pytest.mark.parametrize("spec", SPREAD_SPECS)
+def test_identical_inputs_make_the_kernel_singular_whatever_its_eigenvalues(spec):
+    x, _, _ = data(n=20)
+    xd = np.vstack([x, x[3]])
+    for kind, report in lk.check_kernel(spec, xd).items():
+        assert report.duplicates == ((3, 20),)
+        assert not report.positive_definite, (kind, report.smallest, report.tol)
+        assert report.condition == np.inf and report.rank <= 20
+        assert "inputs 3 and 20 are identical" in report.summary()
+        assert "remove the repeated inputs" in report.fix() and "diag_reg=" in report.fix()
+        assert "identical inputs     1 pairs: (3, 20)" in str(report)
+        # A regulariser makes the exact kernel positive definite (as for any
+        # singular kernel); the suggested one outweighs the spread at the pair.
+        fixed = lk.check_kernel(spec, xd, get=kind, diag_reg=report.suggested_diag_reg)
+        assert fixed[kind].positive_definite
+        assert report.suggested_diag_reg * report.mean_diagonal >= 100 * \
+            report.duplicate_spread
+    clean = lk.check_kernel(spec, x)
+    assert all(r.positive_definite and r.duplicates == () for r in clean.values())
+
+
+@pytest.mark.parametrize("t", [np.inf, [1.0, 100.0]])
+def test_predictions_refuse_identical_inputs_without_regulariser(t):
+    x, y, xs = data(n=20)
+    xd = np.vstack([x, x[3]])
+    spec = SPREAD_SPECS[0]
+    for kind in ("ntk", "nngp"):
+        with pytest.raises(lk.NotPositiveDefiniteError) as err:
+            lk.predict_ensemble(spec, xd, np.append(y, y[3]), xs, t=t, get=kind)
+        message = str(err.value)
+        assert "inputs 3 and 20 are identical" in message and "\n" not in message
+        assert "diag_reg=" in message and "remove the repeated inputs" in message
+        assert "different targets" not in message
+        with pytest.raises(lk.NotPositiveDefiniteError,
+                           match="inputs 3 and 20 are identical but have different targets"):
+            lk.predict_ensemble(spec, xd, np.append(y, y[3] + 1.0), xs, t=t, get=kind)
+    out = lk.predict_ensemble(spec, xd, np.append(y, y[3]), xs, t=t, diag_reg=1e-2)
+    assert all(np.all(np.isfinite(p.mean)) for p in out.values())
+
+
+def test_every_prediction_path_refuses_identical_inputs():
+    x, y, xs = data(n=20, c=2)
+    xd, yd = np.vstack([x, x[7], x[2]]), np.vstack([y, y[7], y[2] + [0.0, 1.0]])
+    spec = SPREAD_SPECS[1]
+    with pytest.raises(lk.NotPositiveDefiniteError, match="noise=") as err:
+        lk.nngp_posterior(spec, xd, yd, xs)
+    assert "inputs 2 and 21 are identical but have different targets" in str(err.value)
+    assert "2 pairs of identical inputs in all, 1 of them" in str(err.value)
+    assert err.value.report.duplicates == ((2, 21), (7, 20))
+    assert err.value.report.conflicts == ((2, 21),)
+    ens = lk.GradientFlowEnsemble(spec, xd, yd)
+    with pytest.raises(lk.NotPositiveDefiniteError, match="identical"):
+        ens.factorise("ntk", finite=True)
+    for estimator in (lk.NTKRegressor(spec, diag_reg=0.0),
+                      lk.NNGPRegressor(spec, diag_reg=0.0, normalize_y=True)):
+        with pytest.raises(lk.NotPositiveDefiniteError, match="inputs 2 and 21"):
+            estimator.fit(xd, yd)
+        estimator.set_params(diag_reg=1e-3).fit(xd, yd)
+    labels = np.append(np.arange(20) % 3, [7 % 3, 2 % 3 + 1])
+    with pytest.raises(lk.NotPositiveDefiniteError, match="different targets"):
+        lk.NTKClassifier(spec, diag_reg=0.0).fit(xd, labels)
+
+
+def test_identical_inputs_with_dropout_are_distinct_examples():
+    # Independent dropout masks: the kernel is larger on its diagonal, genuinely
+    # positive definite at identical inputs.
+    x, y, xs = data(n=20)
+    xd = np.vstack([x, x[3]])
+    spec = "dense(b_std=0.1), relu, dropout(p=0.2), dense, relu, dense"
+    report = lk.check_kernel(spec, xd, get="ntk")["ntk"]
+    assert report.duplicates == ((3, 20),) and report.positive_definite
+    assert "with dropout they are distinct examples" in str(report)
+    pred = lk.predict_ensemble(spec, xd, np.append(y, -y[3]), xs, get="ntk")["ntk"]
+    assert np.all(np.isfinite(pred.mean))
+
+
+def test_check_command_fails_on_identical_inputs(tmp_path, capsys):
+    from limitkernel.cli import main
+
+    x, _, _ = data(n=20)
+    np.save(tmp_path / "x.npy", np.vstack([x, x[3]]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "--arch", SPREAD_SPECS[0], "--x", str(tmp_path / "x.npy")])
+    assert exit_info.value.code == 1
+    assert "inputs 3 and 20 are identical" in capsys.readouterr().out
+    assert main(["check", "--arch", SPREAD_SPECS[0], "--x", str(tmp_path / "x.npy"),
+                 "--diag-reg", "1e-2"]) == 0
 
 
 def test_degenerate_deep_kernel_fails_with_its_cause():
@@ -388,20 +546,77 @@ def test_cross_entropy_flow_loss_rate_and_start():
 def test_regressors_match_the_functions():
     x, y, xs = data(c=2)
     ntk = lk.NTKRegressor(RELU2, t=7.0, diag_reg=1e-4).fit(x, y)
-    ref = lk.predict_ensemble(RELU2, x, y, xs, t=7.0, get="ntk", diag_reg=1e-4)["ntk"]
+    ref = lk.predict_ensemble(RELU2, x, y, xs, t=7.0, get="ntk", diag_reg=1e-4,
+                              cov="full")["ntk"]
     mean, std = ntk.predict(xs, return_std=True)
     assert_allclose(mean, ref.mean, rtol=1e-12)
     assert std.shape == (7, 2)
     assert_allclose(std[:, 1], np.sqrt(np.diag(ref.cov)), rtol=1e-9)
     assert ntk.predict(xs, return_cov=True)[1].shape == (7, 7, 2)
     nngp = lk.NNGPRegressor(RELU2, diag_reg=0.01, diag_reg_absolute=True).fit(x, y[:, 0])
-    post = lk.nngp_posterior(RELU2, x, y[:, 0], xs, noise=0.01)
+    post = lk.nngp_posterior(RELU2, x, y[:, 0], xs, noise=0.01, cov="full")
     mean, cov = nngp.predict(xs, return_cov=True)
     assert_allclose(mean, post.mean, rtol=1e-12)
     assert_allclose(cov, post.cov, rtol=1e-12)
     assert nngp.score(x, y[:, 0]) > 0.95
     with pytest.raises(ValueError, match="at most one"):
         nngp.predict(xs, return_std=True, return_cov=True)
+
+
+def diabetes_split():
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x = x / np.std(x, axis=0)  # unit-variance features: K⁰ = x·x'/d of order 1
+    return x[:300], y[:300], x[300:360], y[300:360]
+
+
+def test_normalize_y_puts_mean_and_std_in_target_units():
+    pytest.importorskip("sklearn")
+    x, y, xs, ys = diabetes_split()
+    mu, sigma = y.mean(), y.std()
+    assert 100 < mu < 200 and sigma > 50
+    for cls in (lk.NTKRegressor, lk.NNGPRegressor):
+        raw = cls(RELU2, diag_reg=0.1, normalize_y=True).fit(x, y)
+        unit = cls(RELU2, diag_reg=0.1).fit(x, (y - mu) / sigma)
+        mean, std = raw.predict(xs, return_std=True)
+        mean_u, std_u = unit.predict(xs, return_std=True)
+        assert_allclose(mean, sigma * mean_u + mu, rtol=1e-12)
+        assert_allclose(std, sigma * std_u, rtol=1e-12)
+        _, cov = raw.predict(xs, return_cov=True)
+        assert_allclose(cov, sigma ** 2 * unit.predict(xs, return_cov=True)[1], rtol=1e-12)
+        assert_allclose(raw.y_train_mean_, mu) and assert_allclose(raw.y_train_std_, sigma)
+        # The same std from the ensemble function on standardised targets.
+        kind = "ntk" if cls is lk.NTKRegressor else "nngp"
+        ref = lk.predict_ensemble(RELU2, x, (y - mu) / sigma, xs, get=kind, diag_reg=0.1,
+                                  cov="var")[kind]
+        assert_allclose(std, sigma * np.sqrt(ref.var), rtol=1e-9)
+        assert np.mean(np.abs(mean - ys)) < sigma  # it learns something
+    # Untrained (t = 0): the prior, the targets' mean ± σ_y √K(x, x).
+    prior = lk.NTKRegressor(RELU2, t=0.0, normalize_y=True).fit(x, y)
+    mean, std = prior.predict(xs, return_std=True)
+    assert_allclose(mean, mu, rtol=1e-14)
+    assert_allclose(std, sigma * np.sqrt(lk.kernel_diag(RELU2, xs)["nngp"]), rtol=1e-12)
+    # Without normalize_y the std is that of the network, whatever the targets.
+    assert_allclose(lk.NTKRegressor(RELU2, t=0.0).fit(x, y).predict(xs, return_std=True)[1],
+                    np.sqrt(lk.kernel_diag(RELU2, xs)["nngp"]), rtol=1e-12)
+
+
+def test_normalize_y_scales_each_output_column():
+    x, y, xs = data(c=3)
+    y = y * [1.0, 1000.0, 0.0] + [0.0, -5.0, 42.0]  # the last column is constant
+    reg = lk.NTKRegressor(RELU2, t=5.0, normalize_y=True).fit(x, y)
+    assert_allclose(reg.y_train_std_, [y[:, 0].std(), y[:, 1].std(), 1.0])
+    mean, std = reg.predict(xs, return_std=True)
+    cov = reg.predict(xs, return_cov=True)[1]
+    ref = lk.predict_ensemble(RELU2, x, (y - y.mean(0)) / reg.y_train_std_, xs, t=5.0,
+                              get="ntk", diag_reg=1e-6, cov="full")["ntk"]
+    for j in range(3):
+        scale = reg.y_train_std_[j]
+        assert_allclose(mean[:, j], scale * ref.mean[:, j] + y[:, j].mean(), rtol=1e-12)
+        assert_allclose(std[:, j], scale * np.sqrt(np.diag(ref.cov)), rtol=1e-9)
+        assert_allclose(cov[:, :, j], scale ** 2 * ref.cov, rtol=1e-12)
+    assert_allclose(mean[:, 2], 42.0, rtol=1e-12)
 
 
 def test_classifiers():
@@ -455,7 +670,8 @@ except ImportError:  # scikit-learn is optional
     parametrize_with_checks = None
 
 if parametrize_with_checks is not None:
-    @parametrize_with_checks([lk.NTKRegressor(), lk.NNGPRegressor(), lk.NTKClassifier(),
+    @parametrize_with_checks([lk.NTKRegressor(), lk.NNGPRegressor(normalize_y=True),
+                              lk.NTKClassifier(),
                               lk.NTKClassifier(loss="cross_entropy", t=100.0)])
     def test_scikit_learn_estimator_checks(estimator, check):
         check(estimator)
