@@ -25,7 +25,8 @@ import numpy as np
 import scipy.linalg
 
 from .gram import KINDS, _check_get, check_inputs, kernel, kernel_diag
-from .spec import Block, Dropout, as_spec
+from .layers import Dropout
+from .spec import Block, as_spec
 
 __all__ = [
     "CrossEntropyFlow",

@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .activations import ABRelu
+from .layers import Dense
+from .layers.activations import ABRelu
 from .gram import check_inputs, kernel, kernel_diag
-from .spec import Block, Dense, Serial, SpecError, as_spec
+from .spec import Block, Serial, SpecError, as_spec
 
 __all__ = ["Kernel"]  # noqa: F822 (built on first access by __getattr__)
 
