@@ -1,6 +1,6 @@
 """limitkernel: exact infinite-width NNGP and NTK kernels of fully-connected networks."""
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401
 from .activations import REGISTRY as ACTIVATIONS
 from .layers import (
     Concat,

@@ -15,7 +15,6 @@ import numpy as np
 
 from . import _fused
 from ._program import Program
-from .spec import as_spec
 
 __all__ = ["KINDS", "GramPlan", "MemoryBudgetError", "kernel", "kernel_diag",
            "prepare"]
