@@ -3,9 +3,13 @@
 from ._version import __version__  # noqa: F401
 from .activations import REGISTRY as ACTIVATIONS
 from .layers import (
+    AvgPool,
     Concat,
+    Conv,
     Dense,
     Dropout,
+    Flatten,
+    GlobalAvgPool,
     LayerNorm,
     Numerical,
     Parallel,
@@ -40,13 +44,17 @@ from .torch_interop import empirical_ntk_torch, from_torch, to_torch
 
 __all__ = [
     "ACTIVATIONS",
+    "AvgPool",
     "CGSolution",
     "Comparison",
     "Concat",
+    "Conv",
     "CrossEntropyFlow",
     "Dense",
     "Dropout",
     "FiniteNetwork",
+    "Flatten",
+    "GlobalAvgPool",
     "GradientFlowEnsemble",
     "InitSweep",
     "Kernel",

@@ -47,6 +47,7 @@ from .layers.activations import (
     trig_row,
 )
 from .layers.blocks import OP_ADD, OP_LOAD, OP_SAVE, stash_op
+from .layers.conv import OP_AVG_POOL, OP_CONV, OP_FLATTEN, OP_GLOBAL_AVG_POOL
 from .layers.dense import OP_DENSE, dense_row
 from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layernorm_row
 from .layers.numerical import OP_HERMITE, hermite_row
@@ -54,11 +55,13 @@ from .layers.numerical import OP_HERMITE, hermite_row
 __all__ = ["DISPATCHED", "NEAR_DUPLICATE", "apply_row_op", "gram_block", "init_row",
            "mirror_upper"]
 
-# Every opcode the pass below runs; an op it does not know leaves its code in
-# ``status`` and :mod:`limitkernel.gram` refuses the result.
+# Every opcode the passes run (this one, and those of positions in
+# :mod:`limitkernel._fused_spatial`); an op a pass does not know leaves its code
+# in ``status`` and :mod:`limitkernel.gram` refuses the result.
 DISPATCHED = (OP_DENSE, OP_ABRELU, OP_STEP, OP_SIGN, OP_RELU_POW, OP_ERF, OP_GELU,
               OP_TRIG, OP_GAUSSIAN, OP_EXP, OP_HERMITE, OP_SAVE, OP_LOAD, OP_ADD,
-              OP_LAYERNORM, OP_DROPOUT)
+              OP_LAYERNORM, OP_DROPOUT, OP_CONV, OP_AVG_POOL, OP_GLOBAL_AVG_POOL,
+              OP_FLATTEN)
 
 # Below this value of 1 - ρ, the input correlation is recomputed from the
 # difference of the normalised inputs rather than from the Gram matrix entry,

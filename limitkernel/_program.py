@@ -277,7 +277,45 @@ class Program:
                               if op.shape is not None and getattr(op.kind, "collapses", False)),
                              None)
         self.geo, self.imap = _pack_geometries(builder.geometries)
+        # Positions of the state entering each op (and leaving the last), and where
+        # they start in the per-input tables of diagonals.
+        self.positions = np.array([op.positions for op in self.ops] + [1], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.positions[:-1])]).astype(np.int64)
         self.chi = None
+
+    @property
+    def table_width(self):
+        """Entries per input of the tables of diagonals (all ops' positions)."""
+        return int(self.offsets[-1] + self.positions[-1])
+
+    def work_size(self):
+        """Edge of the square scratch arrays a pair of positions needs (see
+        :func:`limitkernel._fused_spatial.run_pair`)."""
+        size = int(self.positions.max())
+        for hi, wi, ho, wo, ky, kx, _, _ in self.geo:
+            size = max(size, int(ho * wi), int(ky * kx))
+        return size
+
+    def spatial_diagonals(self, x):
+        """Per-position diagonals of inputs x (n, P, C), same-position regime.
+
+        Returns ``(var, nngp, ntk)`` with ``var`` (n, R): K(x, x) at every
+        position entering every op (offsets ``self.offsets``).
+        """
+        state = Diagonal(np.einsum("npc,npc->np", x, x) / x.shape[2])
+        state.program = self
+        var = np.empty((x.shape[0], self.table_width))
+        var[:, :self.positions[0]] = state.q
+        for index, op in enumerate(self.ops):
+            op.kind.diag_update(op, state)
+            q = state.q if state.q.ndim == 2 else state.q[:, None]
+            if not np.all(np.isfinite(q)) or not np.all(np.isfinite(state.theta)):
+                raise FloatingPointError(
+                    f"the kernel overflows at layer {index + 1} ({op}): variances reach "
+                    f"{float(np.max(q)):.3g}; lower w_std, b_std or the input scale")
+            off = self.offsets[index + 1]
+            var[:, off:off + q.shape[1]] = q
+        return var, state.q, state.theta
 
     @property
     def layers(self):

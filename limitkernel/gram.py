@@ -13,8 +13,9 @@ import warnings
 
 import numpy as np
 
-from . import _fused
+from . import _fused, _fused_spatial
 from ._program import Program
+from .spec import SpecError
 
 __all__ = ["KINDS", "GramPlan", "MemoryBudgetError", "kernel", "kernel_diag",
            "prepare"]
@@ -36,27 +37,47 @@ class DegenerateKernelWarning(RuntimeWarning):
 # ------------------------------------------------------------ validation
 
 
-def check_inputs(x, name="x"):
-    """Return x as a C-contiguous float64 (n, d) array, or raise a clear ValueError."""
+def check_inputs(x, name="x", spatial=False):
+    """Return x as a C-contiguous float64 array, or raise a clear ValueError.
+
+    Vectors are (n, d); with ``spatial``, images (n, H, W, C) and sequences
+    (n, L, C) are accepted too (channels last).
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        raise ValueError(f"{name} is a masked array; its masked entries would be used as "
+                         "numbers. Remove or impute them and pass a plain array "
+                         "(x.filled(value) or x.compressed())")
+    if np.iscomplexobj(x):
+        raise ValueError(f"{name} is complex; kernels take real inputs. Pass the real part "
+                         "(x.real) or stack real and imaginary parts as features")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name} must be a numeric (n, d) array: {err}") from None
-    if arr.ndim != 2:
+    allowed = (2, 3, 4) if spatial else (2,)
+    if arr.ndim not in allowed:
         hint = (" Reshape it with x.reshape(-1, 1) if it holds one feature per "
                 "input, or x.reshape(1, -1) if it is a single input.") if arr.ndim == 1 else ""
+        if arr.ndim in (3, 4):
+            hint = (" Images (n, H, W, C) and sequences (n, L, C) need a network with "
+                    "positions (conv, avg_pool, global_avg_pool or flatten); flatten "
+                    "them with x.reshape(len(x), -1) for a fully-connected one.")
+        more = (", or images (n, H, W, C) and sequences (n, L, C) for a network with "
+                "positions" if spatial else "")
         raise ValueError(
-            f"{name} must be a 2D array of shape (n_inputs, n_features), got "
+            f"{name} must be a 2D array of shape (n_inputs, n_features){more}; got "
             f"{arr.ndim}D with shape {arr.shape}.{hint}"
         )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
+    if 0 in arr.shape:
         raise ValueError(f"{name} is empty (shape {arr.shape}); give at least one input "
                          "with at least one feature")
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0]
+        where = "row {}, column {}".format(bad[0], bad[1]) if arr.ndim == 2 else \
+            "index {}".format(tuple(int(v) for v in bad))
         raise ValueError(
-            f"{name} contains NaN or inf (first at row {bad[0]}, column {bad[1]}: "
-            f"{arr[bad[0], bad[1]]}); remove or impute those values"
+            f"{name} contains NaN or inf (first at {where}: "
+            f"{arr[tuple(bad)]}); remove or impute those values"
         )
     return np.ascontiguousarray(arr)
 
@@ -140,6 +161,49 @@ class _Side:
                      self.axis)
 
 
+class _SpatialSide:
+    """What the spatial passes need of the rows (or columns) of a Gram matrix.
+
+    ``x`` (n, P, C) the inputs with positions flattened, ``xn`` each position's
+    channel vector at unit norm, ``var``/``root`` (n, R) the per-position
+    diagonals of every op and their roots. Transposed copies for the column
+    side are made on first use.
+    """
+
+    def __init__(self, x, xn, var, root):
+        self.x, self.xn, self.var, self.root = x, xn, var, root
+        self._t = {}
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def part(self, a, b):
+        if a == 0 and b == len(self):
+            return self
+        return _SpatialSide(self.x[a:b], self.xn[a:b], self.var[a:b], self.root[a:b])
+
+    def _transposed(self, name, make):
+        if name not in self._t:
+            self._t[name] = np.ascontiguousarray(make())
+        return self._t[name]
+
+    def x_t(self):
+        return self._transposed("x", lambda: self.x.transpose(1, 2, 0))
+
+    def xn_t(self):
+        return self._transposed("xn", lambda: self.xn.transpose(1, 2, 0))
+
+    def root_t(self):
+        return self._transposed("root", lambda: self.root.T)
+
+
+def _check_status(status):
+    if status[0] >= 0:
+        raise RuntimeError(f"the fused pass has no kernel for opcode {status[0]} here; "
+                           "every op kind must be dispatched in limitkernel._fused "
+                           "(and _fused_spatial for networks on images and sequences)")
+
+
 class GramPlan:
     """Everything a tile of the Gram matrices needs, computed once per input set.
 
@@ -166,11 +230,17 @@ class GramPlan:
     """
 
     def __init__(self, spec, x1, x2, kinds, dtype):
-        program = Program(spec, x1.shape[1])
+        program = Program(spec, x1.shape[1:])
         self.kinds, self.dtype = kinds, dtype
         self.symmetric = x2 is None
         self.want_ntk = "ntk" in kinds
-        self.n_features = x1.shape[1]
+        self.n_features = int(np.prod(x1.shape[1:]))
+        self.shape = (len(x1), len(x1 if x2 is None else x2))
+        self.codes, self.prm = program.codes, program.prm
+        if program.spatial is not None:
+            self._init_spatial(program, x1, x2)
+            return
+        self.spatial = None
         self.scale = 1.0 / x1.shape[1]
         roots1, self.nngp_diag, self.ntk_diag = program.diagonals(x1)
         roots2 = roots1 if self.symmetric else program.diagonals(x2)[0]
@@ -181,9 +251,47 @@ class GramPlan:
         self.rows = _Side(x1, x1n, roots1, *_stack_tables(tables1, len(x1), False), 1)
         x2 = x1 if self.symmetric else x2
         self.cols = _Side(x2, x2n, roots2, *_stack_tables(tables2, len(x2), True), 2)
-        self.codes, self.prm = program.codes, program.prm
         self.chi = program.chi
-        self.shape = (len(x1), len(x2))
+
+    def _init_spatial(self, program, x1, x2):
+        """Images or sequences: per-position tables of diagonals for both sides."""
+        if any(getattr(op.kind, "series", False) for op in program.ops):
+            raise SpecError("activations by Hermite series (tanh, softplus, silu, elu, "
+                            "softsign, Numerical) are not yet supported in networks on "
+                            "images or sequences; use a closed-form activation (erf, gelu, "
+                            "relu, ...)")
+        self.spatial = program
+        self.chi = None
+        self.geo, self.imap = program.geo, program.imap
+        self.offsets, self.positions = program.offsets, program.positions
+        self.collapse = program.collapse
+        self.n_slots = max(program.n_slots, 1)
+        self.work_size = program.work_size()
+        sides, diags = [], []
+        for x in (x1,) if self.symmetric else (x1, x2):
+            flat = np.ascontiguousarray(x.reshape(len(x), -1, x.shape[-1]))
+            norms = np.sqrt(np.einsum("npc,npc->np", flat, flat))
+            xn = flat / np.where(norms > 0, norms, 1.0)[:, :, None]
+            if program.pairs:
+                var = np.zeros((len(x), program.table_width))
+                root = np.zeros_like(var)
+                status = np.full(1, -1, dtype=np.int64)
+                nngp, ntk = _fused_spatial.self_pairs(
+                    flat, xn, root, var, program.codes, program.prm, program.geo,
+                    program.imap, program.offsets, program.positions, self.n_slots,
+                    self.work_size, program.collapse, status)
+                _check_status(status)
+            else:
+                var, nngp, ntk = program.spatial_diagonals(flat)
+                root = np.sqrt(var)
+            if not (np.all(np.isfinite(var)) and np.all(np.isfinite(ntk))):
+                raise FloatingPointError("the kernel overflows on these inputs; lower "
+                                         "w_std, b_std or the input scale")
+            sides.append(_SpatialSide(flat, xn, var, root))
+            diags.append((nngp, ntk))
+        self.nngp_diag, self.ntk_diag = diags[0]
+        self.rows = sides[0]
+        self.cols = sides[-1]
 
     def block(self, rows, cols, r0, r1, c0, c1, buffer, k_out, t_out, sym):
         """Rows r0:r1, columns c0:c1 of ``rows`` × ``cols`` into the outputs.
@@ -193,15 +301,27 @@ class GramPlan:
         least (r1 - r0)(c1 - c0) entries. With ``sym`` only entries with
         column >= row are written.
         """
+        status = np.full(1, -1, dtype=np.int64)
+        if self.spatial is not None:
+            if self.spatial.pairs:
+                _fused_spatial.pairs_block(
+                    r0, r1, c0, c1, sym, self.collapse, rows.x, rows.xn, cols.x, cols.xn,
+                    rows.root, cols.root, rows.var, cols.var, cols.root_t(), self.codes,
+                    self.prm, self.geo, self.imap, self.offsets, self.positions,
+                    self.n_slots, self.work_size, k_out, t_out, status, self.want_ntk)
+            else:
+                _fused_spatial.rows_block(
+                    r0, r1, c0, c1, sym, rows.x, rows.xn, cols.x_t(), cols.xn_t(), rows.root,
+                    cols.root_t(), self.codes, self.prm, self.geo, self.imap, self.offsets,
+                    self.positions, self.n_slots, k_out, t_out, status, self.want_ntk)
+            _check_status(status)
+            return
         dest = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
         np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=dest)
-        status = np.full(1, -1, dtype=np.int64)
         _fused.gram_block(dest, k_out, t_out, r0, c0, sym, self.scale, rows.xn, cols.xn,
                           rows.roots, cols.roots, self.codes, self.prm, rows.h, cols.h,
                           rows.hd, cols.hd, status, self.want_ntk)
-        if status[0] >= 0:
-            raise RuntimeError(f"the fused pass has no kernel for opcode {status[0]}; "
-                               "every op kind must be dispatched in limitkernel._fused")
+        _check_status(status)
 
     def tile(self, r0, r1, c0, c1):
         """The Gram matrices on rows r0:r1 and columns c0:c1.
@@ -244,14 +364,15 @@ def prepare(spec, x1, x2=None, get=KINDS, dtype="float64"):
     """
     kinds = _check_get(get)
     dt = _check_dtype(dtype)
-    x1 = check_inputs(x1, "x1")
+    x1 = check_inputs(x1, "x1", spatial=True)
     if x2 is not None:
-        x2 = check_inputs(x2, "x2")
-        if x2.shape[1] != x1.shape[1]:
-            raise ValueError(
-                f"x1 and x2 must have the same number of features, got {x1.shape[1]} "
-                f"and {x2.shape[1]}"
-            )
+        x2 = check_inputs(x2, "x2", spatial=True)
+        if x2.shape[1:] != x1.shape[1:]:
+            what = ("number of features" if x1.ndim == 2 == x2.ndim
+                    else "shape per input (positions and channels)")
+            got = (f"{x1.shape[1]} and {x2.shape[1]}" if x1.ndim == 2 == x2.ndim
+                   else f"{x1.shape[1:]} and {x2.shape[1:]}")
+            raise ValueError(f"x1 and x2 must have the same {what}, got {got}")
     return GramPlan(spec, x1, x2, kinds, dt)
 
 
@@ -329,8 +450,12 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
 def kernel_diag(spec, x, get=KINDS):
     """The diagonals K(x, x) and Θ(x, x) only, in O(n·d) time."""
     kinds = _check_get(get)
-    x = check_inputs(x, "x")
-    _, nngp, ntk = Program(spec, x.shape[1]).diagonals(x)
+    x = check_inputs(x, "x", spatial=True)
+    if x.ndim == 2:
+        _, nngp, ntk = Program(spec, x.shape[1]).diagonals(x)
+    else:
+        plan = GramPlan(spec, x, None, KINDS, np.dtype(np.float64))
+        nngp, ntk = plan.nngp_diag, plan.ntk_diag
     out = {"nngp": nngp, "ntk": ntk}
     return {kind: out[kind] for kind in kinds}
 

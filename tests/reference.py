@@ -201,3 +201,233 @@ def _smooth(layer):
             return a * a / 2 * (minus - plus), a * a * b * b / 2 * (minus + plus)
         return kern
     raise AssertionError(f"no mpmath reference for {layer}")
+
+
+# ------------------------------------------------------------ images and sequences
+
+
+def spatial_kernel_mp(spec, x1, x2, dps=30):
+    """K and Θ of a network on two images (H, W, C) or sequences (L, C), in mpmath.
+
+    The whole joint covariance of the positions of both inputs is carried
+    (2P × 2P, NNGP and NTK), layer by layer from the definitions: the input
+    covariance x_p · x'_q / C; a convolution averages the covariances of the
+    same tap on both sides (positions outside the image are zeros; "circular"
+    wraps; strides subsample), with the bias added and Θ ← K_new + σ_w² mean Θ
+    (or n mean K + 1 + σ_w² mean Θ, n = k_y k_x C, "standard"); pooling
+    averages over windows; flatten keeps the mean of the same-position
+    covariances; activations act on every entry with closed forms (the ReLU
+    family by the Cho–Saul formula of order 1, the others as in ``_smooth``).
+    Returns ((K11, K12, K22), (Θ11, Θ12, Θ22)) as floats.
+    """
+    import numpy as np
+
+    with mpmath.workdps(dps):
+        x1 = np.asarray(x1, dtype=float)
+        x2 = np.asarray(x2, dtype=float)
+        if x1.ndim == 2:
+            x1, x2 = x1[None], x2[None]
+        h, w, ch = x1.shape
+        pts = [(y, xx) for y in range(h) for xx in range(w)]
+        vecs = [[mpmath.mpf(float(v)) for v in x[y, xx]] for x in (x1, x2) for y, xx in pts]
+        n = len(vecs)
+        k = [[mpmath.fsum(a * b for a, b in zip(vecs[u], vecs[v])) / ch for v in range(n)]
+             for u in range(n)]
+        t = [[mpmath.mpf(0)] * n for _ in range(n)]
+        state = {"k": k, "t": t, "shape": (h, w), "fan_in": ch, "vector": False}
+        for layer in (lk.parse(spec) if isinstance(spec, str) else lk.serial(spec)).layers:
+            state = _spatial_layer(layer, state)
+        k, t = state["k"], state["t"]
+        return ((float(k[0][0]), float(k[0][1]), float(k[1][1])),
+                (float(t[0][0]), float(t[0][1]), float(t[1][1])))
+
+
+def _axis(size, k, stride, padding):
+    """Input index (or None for a zero) of every output and tap along one axis."""
+    if padding == "valid":
+        outs = range(0, size - k + 1, stride)
+        return [[o + d for d in range(k)] for o in outs]
+    n_out = -(-size // stride)
+    total = max((n_out - 1) * stride + k - size, 0)
+    before = total // 2
+    rows = []
+    for o in range(n_out):
+        row = []
+        for d in range(k):
+            idx = o * stride + d - before
+            if padding == "circular":
+                row.append(idx % size)
+            else:
+                row.append(idx if 0 <= idx < size else None)
+        rows.append(row)
+    return rows
+
+
+def _sizes(value, shape):
+    if isinstance(value, tuple):
+        return (int(value[0]), int(value[1])) if len(value) == 2 else (1, int(value[0]))
+    return (1, int(value)) if shape[0] == 1 else (int(value), int(value))
+
+
+def _windows(shape, k, stride, padding):
+    """For each output position, the list of input positions (None for a zero)."""
+    ay = _axis(shape[0], k[0], stride[0], padding) if shape[0] > 1 or k[0] > 1 else [[0]]
+    ax = _axis(shape[1], k[1], stride[1], padding)
+    out = []
+    for ry in ay:
+        for rx in ax:
+            out.append([None if iy is None or ix is None else iy * shape[1] + ix
+                        for iy in ry for ix in rx])
+    return out, (len(ay), len(ax))
+
+
+def _spatial_layer(layer, state):
+    k, t, shape = state["k"], state["t"], state["shape"]
+    n = len(k)
+    per = n // 2
+    if isinstance(layer, (lk.Conv, lk.AvgPool)):
+        size = _sizes(layer.k, shape)
+        if isinstance(layer, lk.Conv):
+            stride = _sizes(layer.stride, shape)
+        else:
+            stride = size if layer.stride is None else _sizes(layer.stride, shape)
+        wins, out_shape = _windows(shape, size, stride, layer.padding)
+        m = len(wins)
+        index = [(side, o) for side in range(2) for o in range(m)]
+
+        def src(side, pos):
+            return None if pos is None else side * per + pos
+
+        def avg(mat, u, v, same_tap):
+            (su, ou), (sv, ov) = index[u], index[v]
+            terms = []
+            if same_tap:
+                for a, b in zip(wins[ou], wins[ov]):
+                    a, b = src(su, a), src(sv, b)
+                    terms.append(mat[a][b] if a is not None and b is not None else 0)
+                return mpmath.fsum(terms) / len(wins[ou])
+            for a in wins[ou]:
+                for b in wins[ov]:
+                    a2, b2 = src(su, a), src(sv, b)
+                    terms.append(mat[a2][b2] if a2 is not None and b2 is not None else 0)
+            return mpmath.fsum(terms) / (len(wins[ou]) * len(wins[ov]))
+
+        conv = isinstance(layer, lk.Conv)
+        mk = [[avg(k, u, v, conv) for v in range(2 * m)] for u in range(2 * m)]
+        mt = [[avg(t, u, v, conv) for v in range(2 * m)] for u in range(2 * m)]
+        if conv:
+            w2, b2 = mpmath.mpf(layer.w_std) ** 2, mpmath.mpf(layer.b_std) ** 2
+            if layer.parameterization == "ntk":
+                kk, bb = w2, b2
+            else:
+                kk, bb = mpmath.mpf(size[0] * size[1] * state["fan_in"]), mpmath.mpf(1)
+            t = [[kk * mk[u][v] + bb + w2 * mt[u][v] for v in range(2 * m)]
+                 for u in range(2 * m)]
+            k = [[w2 * mk[u][v] + b2 for v in range(2 * m)] for u in range(2 * m)]
+            fan_in = layer.width if layer.width is not None else state["fan_in"]
+        else:
+            k, t, fan_in = mk, mt, state["fan_in"]
+        return {"k": k, "t": t, "shape": out_shape, "fan_in": fan_in, "vector": False}
+    if isinstance(layer, (lk.GlobalAvgPool, lk.Flatten)):
+        out_k = [[0, 0], [0, 0]]
+        out_t = [[0, 0], [0, 0]]
+        for a in range(2):
+            for b in range(2):
+                if isinstance(layer, lk.GlobalAvgPool):
+                    cells = [(a * per + p, b * per + q) for p in range(per) for q in range(per)]
+                else:
+                    cells = [(a * per + p, b * per + p) for p in range(per)]
+                out_k[a][b] = mpmath.fsum(k[u][v] for u, v in cells) / len(cells)
+                out_t[a][b] = mpmath.fsum(t[u][v] for u, v in cells) / len(cells)
+        fan_in = state["fan_in"] * (per if isinstance(layer, lk.Flatten) else 1)
+        return {"k": out_k, "t": out_t, "shape": (1, 1), "fan_in": fan_in, "vector": True}
+    if isinstance(layer, lk.Dense):
+        w2, b2 = mpmath.mpf(layer.w_std) ** 2, mpmath.mpf(layer.b_std) ** 2
+        kk, bb = (w2, b2) if layer.parameterization == "ntk" else \
+            (mpmath.mpf(state["fan_in"]), mpmath.mpf(1))
+        t = [[kk * k[u][v] + bb + w2 * t[u][v] for v in range(n)] for u in range(n)]
+        k = [[w2 * k[u][v] + b2 for v in range(n)] for u in range(n)]
+        fan_in = layer.width if layer.width is not None else state["fan_in"]
+        return {**state, "k": k, "t": t, "fan_in": fan_in}
+    if isinstance(layer, lk.LayerNorm):
+        eps = mpmath.mpf(layer.eps)
+        d = [k[u][u] + eps for u in range(n)]
+        k = [[k[u][v] / mpmath.sqrt(d[u] * d[v]) for v in range(n)] for u in range(n)]
+        t = [[t[u][v] / mpmath.sqrt(d[u] * d[v]) for v in range(n)] for u in range(n)]
+        return {**state, "k": k, "t": t}
+    if isinstance(layer, (lk.Residual, lk.Parallel)):
+        if isinstance(layer, lk.Residual):
+            out = state
+            for inner in layer.branches[0].layers:
+                out = _spatial_layer(inner, out)
+            a2, b2 = mpmath.mpf(layer.alpha) ** 2, mpmath.mpf(layer.beta) ** 2
+            parts = [(a2, state), (b2, out)]
+        else:
+            parts = []
+            for branch in layer.branches:
+                out = state
+                for inner in branch.layers:
+                    out = _spatial_layer(inner, out)
+                parts.append((mpmath.mpf(1), out))
+        size = len(parts[0][1]["k"])
+        k = [[mpmath.fsum(wt * p["k"][u][v] for wt, p in parts) for v in range(size)]
+             for u in range(size)]
+        t = [[mpmath.fsum(wt * p["t"][u][v] for wt, p in parts) for v in range(size)]
+             for u in range(size)]
+        return {**parts[-1][1], "k": k, "t": t}
+    # an activation, entry by entry
+    kern = _pair_closed_form(layer)
+    nk = [[None] * n for _ in range(n)]
+    nt = [[None] * n for _ in range(n)]
+    for u in range(n):
+        for v in range(n):
+            val, der = kern(k[u][u], k[v][v], k[u][v])
+            nk[u][v] = val
+            nt[u][v] = t[u][v] * der
+    return {**state, "k": nk, "t": nt}
+
+
+def _pair_closed_form(layer):
+    """(q11, q22, q12) -> (E[φ(u)φ(v)], E[φ'(u)φ'(v)]) in closed form."""
+    homogeneous = {"relu": (0, 1), "abs": (-1, 1), "identity": (1, 1)}
+    name, p = layer.name, layer.params
+    if name in homogeneous or name in ("leaky_relu", "abrelu"):
+        a, b = homogeneous.get(name) or ((p["alpha"], 1) if name == "leaky_relu"
+                                         else (p["a"], p["b"]))
+        a, b = mpmath.mpf(a), mpmath.mpf(b)
+
+        def kern(x, y, z):
+            s = mpmath.sqrt(x * y)
+            th = mpmath.acos(max(min(z / s, 1), -1)) if s > 0 else mpmath.pi / 2
+            j1 = mpmath.sin(th) + (mpmath.pi - th) * mpmath.cos(th)  # Cho–Saul J_1(θ)
+            j1_sup = mpmath.sin(th) - th * mpmath.cos(th)            # J_1(π − θ)
+            val = s * ((a * a + b * b) * j1 - 2 * a * b * j1_sup) / (2 * mpmath.pi)
+            der = ((a * a + b * b) * (mpmath.pi - th) + 2 * a * b * th) / (2 * mpmath.pi)
+            return val, der
+        return kern
+    if name in ("step", "sign"):
+        def kern(x, y, z):
+            s = mpmath.sqrt(x * y)
+            if s == 0:
+                return mpmath.mpf(0), mpmath.mpf(0)
+            th = mpmath.acos(max(min(z / s, 1), -1))
+            val = (mpmath.pi - th) / (2 * mpmath.pi) if name == "step" else 1 - 2 * th / mpmath.pi
+            return val, mpmath.mpf(0)
+        return kern
+    if name == "gelu":
+        def kern(x, y, z):
+            # x Φ(x): E = z/4 + z A/(2π) + (x y R + z²)/(2π P Q √R) with P = 1 + x,
+            # Q = 1 + y, R = P Q − z², A = asin(z/√(PQ)) (Stein's lemma on
+            # E[u 1{u ≥ g}] forms); E' by differentiating in z (Price).
+            pp, qq = 1 + x, 1 + y
+            r = pp * qq - z * z
+            ang = mpmath.asin(z / mpmath.sqrt(pp * qq))
+            val = z / 4 + z * ang / (2 * mpmath.pi) + (x * y * r + z * z) / (
+                2 * mpmath.pi * pp * qq * mpmath.sqrt(r))
+            der = mpmath.diff(lambda zz: zz / 4 + zz * mpmath.asin(zz / mpmath.sqrt(pp * qq)) /
+                              (2 * mpmath.pi) + (x * y * (pp * qq - zz * zz) + zz * zz) /
+                              (2 * mpmath.pi * pp * qq * mpmath.sqrt(pp * qq - zz * zz)), z)
+            return val, der
+        return kern
+    smooth = _smooth(layer)
+    return smooth

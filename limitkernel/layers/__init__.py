@@ -10,6 +10,7 @@ module             layer kinds
                    softsign, any Python function)
 ``normalization``  ``layernorm``, ``dropout``
 ``blocks``         ``residual``, ``parallel``, ``concat`` and their stash ops
+``conv``           ``conv``, ``avg_pool``, ``global_avg_pool``, ``flatten``
 =================  ==========================================================
 
 A layer kind is a class deriving from :class:`limitkernel.spec.Layer` (its spec
@@ -22,15 +23,20 @@ backward). Importing this package registers every kind with the spec parser.
 """
 
 from ..spec import Serial, SpecError
-from . import activations, blocks, dense, normalization, numerical
+from . import activations, blocks, conv, dense, normalization, numerical
 from .activations import Activation, get_activation
 from .blocks import Concat, Parallel, Residual
+from .conv import AvgPool, Conv, Flatten, GlobalAvgPool
 from .dense import Dense
 from .normalization import Dropout, LayerNorm
 from .numerical import Numerical, SeriesTruncationWarning, hermite_coefficients
 
 __all__ = [
     "Activation",
+    "AvgPool",
+    "Conv",
+    "Flatten",
+    "GlobalAvgPool",
     "Concat",
     "Dense",
     "Dropout",
@@ -41,6 +47,7 @@ __all__ = [
     "SeriesTruncationWarning",
     "activations",
     "blocks",
+    "conv",
     "dense",
     "get_activation",
     "hermite_coefficients",
