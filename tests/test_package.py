@@ -83,11 +83,21 @@ _NETWORKS = {
     "dropout": "dense, dropout(p=0.2), dense",
     "gaussian": "dense(w_std=0.5), gaussian, dense",
 }
+# Layers of images and sequences, on (5, 4, 4, 2) images.
+_IMAGE_NETWORKS = {
+    "conv": "conv, relu, flatten, dense",
+    "avg_pool": "conv, avg_pool, relu, global_avg_pool, dense",
+    "global_avg_pool": "conv, relu, global_avg_pool, dense",
+    "flatten": "conv, flatten, dense",
+}
 
 
 @pytest.mark.parametrize("name", sorted(spec.REGISTRY))
 def test_every_registered_layer_runs_through_the_fused_pass(name):
-    text = _NETWORKS.get(name, f"dense, {name}, dense")
-    x = np.random.default_rng(0).standard_normal((5, 3))
+    rng = np.random.default_rng(0)
+    if name in _IMAGE_NETWORKS:
+        text, x = _IMAGE_NETWORKS[name], rng.standard_normal((5, 4, 4, 2))
+    else:
+        text, x = _NETWORKS.get(name, f"dense, {name}, dense"), rng.standard_normal((5, 3))
     out = lk.kernel(text, x, x[:3] + 0.1)
     assert all(np.all(np.isfinite(v)) for v in out.values())
