@@ -114,9 +114,9 @@ def run_rows(l0, l1, state, spare, stash, i, j0, j1, same, codes, prm, geo, imap
              positions, root1, root2t, want_ntk, inv_b, status):
     """Ops l0 … l1 − 1 on the (P, n) state of row input i against columns j0 … j1.
 
-    ``state`` and ``spare`` are (3, Pmax, n) buffers (K, 1 − ρ, Θ); returns the
-    one holding the result. ``same``: the row input is column j0 (dropout
-    scales its same-position entries).
+    ``state`` and ``spare`` are (3, Pmax, n) buffers (K, 1 − ρ, Θ); returns them
+    as (the one holding the result, the other). ``same``: the row input is
+    column j0 (dropout scales its same-position entries).
     """
     n = j1 - j0
     for layer in range(l0, l1):
@@ -175,7 +175,7 @@ def run_rows(l0, l1, state, spare, stash, i, j0, j1, same, codes, prm, geo, imap
                 break
         if not handled:
             status[0] = code
-    return state
+    return state, spare
 
 
 @jit_parallel
@@ -208,9 +208,9 @@ def rows_block(r0, r1, c0, c1, sym, x1, x1n, x2t, x2nt, root1, root2t, codes, pr
         inv_b = np.empty(n)
         init_rows(state[0], state[1], x1, x1n, i, x2t, x2nt, j0, c1, root1[i], root2t)
         state[2, :, :] = 0.0
-        state = run_rows(0, n_ops, state, spare, stash, i, j0, c1, sym and j0 == i, codes,
-                         prm, geo, imap, offsets, positions, root1, root2t, want_ntk, inv_b,
-                         status)
+        state, spare = run_rows(0, n_ops, state, spare, stash, i, j0, c1, sym and j0 == i,
+                                codes, prm, geo, imap, offsets, positions, root1, root2t,
+                                want_ntk, inv_b, status)
         for jj in range(n):
             k_out[i, j0 + jj] = state[0, 0, jj]
         if want_ntk:
@@ -227,9 +227,9 @@ def run_pair(l0, l1, state, spare, stash, work, i, j, same, codes, prm, geo, ima
     """Ops l0 … l1 − 1 on the (P, P) state of the pair (i, j), up to the collapse.
 
     ``state``, ``spare``: (3, Pmax, Pmax) buffers; ``work``: (6, U, U) scratch
-    (U the largest intermediate of a convolution). Returns the buffer holding
-    the result; after global_avg_pool or flatten the pair's (K, 1 − ρ, Θ) is
-    in entry [:, 0, 0].
+    (U the largest intermediate of a convolution). Returns the buffers as (the
+    one holding the result, the other); after global_avg_pool or flatten the
+    pair's (K, 1 − ρ, Θ) is in entry [:, 0, 0].
     """
     for layer in range(l0, l1):
         code = codes[layer]
@@ -320,7 +320,7 @@ def run_pair(l0, l1, state, spare, stash, work, i, j, same, codes, prm, geo, ima
                 break
         if not handled:
             status[0] = code
-    return state
+    return state, spare
 
 
 @jit
@@ -366,15 +366,15 @@ def pairs_block(r0, r1, c0, c1, sym, collapse, x1, x1n, x2, x2n, root1, root2, v
             j = j0 + jj
             init_pair(state[0], state[1], x1, x1n, i, x2, x2n, j, root1[i], root2[j])
             state[2, :, :] = 0.0
-            out = run_pair(0, collapse + 1, state, spare, stash, work, i, j,
-                           sym and i == j, codes, prm, geo, imap, offsets, positions, root1,
-                           root2, var1, var2, want_ntk, status)
+            out, _ = run_pair(0, collapse + 1, state, spare, stash, work, i, j,
+                              sym and i == j, codes, prm, geo, imap, offsets, positions,
+                              root1, root2, var1, var2, want_ntk, status)
             row[0, 0, jj] = out[0, 0, 0]
             row[1, 0, jj] = out[1, 0, 0]
             row[2, 0, jj] = out[2, 0, 0]
-        row = run_rows(collapse + 1, n_ops, row, row_spare, row_stash, i, j0, c1,
-                       sym and j0 == i, codes, prm, geo, imap, offsets, positions, root1,
-                       root2t, want_ntk, inv_b, status)
+        row, _ = run_rows(collapse + 1, n_ops, row, row_spare, row_stash, i, j0, c1,
+                          sym and j0 == i, codes, prm, geo, imap, offsets, positions, root1,
+                          root2t, want_ntk, inv_b, status)
         for jj in range(n):
             k_out[i, j0 + jj] = row[0, 0, jj]
         if want_ntk:
@@ -419,9 +419,9 @@ def self_pairs(x, xn, root, var, codes, prm, geo, imap, offsets, positions, n_sl
                 var[i, offn + r] = 1.0
                 root[i, offn + r] = 1.0
             if layer <= collapse:
-                out = run_pair(layer, layer + 1, probe, probe_spare, probe_stash, work, i, i,
-                               True, codes, prm, geo, imap, offsets, positions, root, root,
-                               var, var, True, status)
+                out, _ = run_pair(layer, layer + 1, probe, probe_spare, probe_stash, work, i,
+                                  i, True, codes, prm, geo, imap, offsets, positions, root,
+                                  root, var, var, True, status)
             else:
                 out = run_pair_tail(layer, probe, probe_spare, probe_stash, i, codes, prm,
                                     geo, imap, offsets, positions, root, status)
@@ -430,9 +430,9 @@ def self_pairs(x, xn, root, var, codes, prm, geo, imap, offsets, positions, n_sl
                 var[i, offn + r] = v
                 root[i, offn + r] = math.sqrt(v)
             if layer <= collapse:
-                state = run_pair(layer, layer + 1, state, spare, stash, work, i, i, True,
-                                 codes, prm, geo, imap, offsets, positions, root, root, var,
-                                 var, True, status)
+                state, spare = run_pair(layer, layer + 1, state, spare, stash, work, i, i,
+                                        True, codes, prm, geo, imap, offsets, positions, root,
+                                        root, var, var, True, status)
             else:
                 state = run_pair_tail(layer, state, spare, stash, i, codes, prm, geo, imap,
                                       offsets, positions, root, status)
@@ -453,8 +453,8 @@ def run_pair_tail(layer, state, spare, stash, i, codes, prm, geo, imap, offsets,
     rows_spare = spare[:, :1, :1].copy()
     rows_stash = stash[:, :1, :1].copy()
     root_t = root.T[:, i:i + 1].copy()
-    out = run_rows(layer, layer + 1, rows, rows_spare, rows_stash, i, 0, 1, True, codes,
-                   prm, geo, imap, offsets, positions, root, root_t, True, inv_b, status)
+    out, _ = run_rows(layer, layer + 1, rows, rows_spare, rows_stash, i, 0, 1, True, codes,
+                      prm, geo, imap, offsets, positions, root, root_t, True, inv_b, status)
     for m in range(3):
         state[m, 0, 0] = out[m, 0, 0]
     for m in range(stash.shape[0]):

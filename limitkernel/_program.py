@@ -175,20 +175,48 @@ def _needs_pairs(layers):
     return False
 
 
+def _runs(index_map, stride):
+    """Per tap, up to two runs (first output, end, first input) of outputs whose
+    inputs advance by ``stride`` (wrap-around splits a run in two)."""
+    out = np.zeros((index_map.shape[1], 2, 3), dtype=np.int64)
+    for t in range(index_map.shape[1]):
+        col, runs, o = index_map[:, t], [], 0
+        while o < len(col):
+            if col[o] < 0:
+                o += 1
+                continue
+            start = o
+            while o + 1 < len(col) and col[o + 1] == col[o] + stride:
+                o += 1
+            runs.append((start, o + 1, col[start]))
+            o += 1
+        if len(runs) > 2:
+            raise RuntimeError(f"an index map splits into {len(runs)} runs")
+        out[t, :len(runs)] = runs
+    return out
+
+
 def _pack_geometries(geometries):
     """One int table of the spatial ops' shapes and one of their index maps.
 
     Row g of ``geo``: (H_in, W_in, H_out, W_out, k_y, k_x, offset of the y map,
-    offset of the x map) into ``imap``; the y map is (H_out, k_y) and the x map
-    (W_out, k_x), each entry an input index or −1 (a zero of the padding).
+    offset of the x map, stride y, stride x, offset of the y runs, offset of
+    the x runs) into ``imap``. The y map is (H_out, k_y) and the x map
+    (W_out, k_x), each entry an input index or −1 (a zero of the padding); the
+    runs are (k, 2, 3): per tap, up to two ranges of outputs [start, end) whose
+    inputs start at a given index and advance by the stride.
     """
-    geo = np.zeros((max(len(geometries), 1), 8), dtype=np.int64)
+    geo = np.zeros((max(len(geometries), 1), 12), dtype=np.int64)
     maps, offset = [], 0
-    for g, (shape_in, shape_out, my, mx) in enumerate(geometries):
+    for g, (shape_in, shape_out, my, mx, strides) in enumerate(geometries):
+        ry, rx = _runs(my, strides[0]), _runs(mx, strides[1])
+        parts = [my.ravel(), mx.ravel(), ry.ravel(), rx.ravel()]
+        starts = np.cumsum([offset] + [len(q) for q in parts])
         geo[g] = (shape_in[0], shape_in[1], shape_out[0], shape_out[1], my.shape[1],
-                  mx.shape[1], offset, offset + my.size)
-        maps.extend([my.ravel(), mx.ravel()])
-        offset += my.size + mx.size
+                  mx.shape[1], starts[0], starts[1], strides[0], strides[1], starts[2],
+                  starts[3])
+        maps.extend(parts)
+        offset = starts[-1]
     imap = np.concatenate(maps).astype(np.int64) if maps else np.zeros(1, dtype=np.int64)
     return geo, imap
 
@@ -292,7 +320,7 @@ class Program:
         """Edge of the square scratch arrays a pair of positions needs (see
         :func:`limitkernel._fused_spatial.run_pair`)."""
         size = int(self.positions.max())
-        for hi, wi, ho, wo, ky, kx, _, _ in self.geo:
+        for hi, wi, ho, wo, ky, kx, *_ in self.geo:
             size = max(size, int(ho * wi), int(ky * kx))
         return size
 

@@ -138,7 +138,7 @@ class _Spatial(Layer, OpKind):
                 "padding=same, or fewer pooling layers before it")
         shape_out = (my.shape[0], mx.shape[0])
         return builder.add_geometry((shape_in, shape_out, my.astype(np.int64),
-                                     mx.astype(np.int64))), shape_out
+                                     mx.astype(np.int64), stride)), shape_out
 
 
 @register
@@ -319,7 +319,7 @@ def _check_collapse(layer, builder, where):
 def tap_sum(program, geometry, q):
     """Σ over the taps of each output position of q (n, P_in), zeros in the padding;
     returns (n, P_out) and the number of taps."""
-    hi, wi, ho, wo, ky, kx, oy_map, ox_map = program.geo[geometry]
+    hi, wi, ho, wo, ky, kx, oy_map, ox_map = program.geo[geometry][:8]
     my = program.imap[oy_map:oy_map + ho * ky].reshape(ho, ky)
     mx = program.imap[ox_map:ox_map + wo * kx].reshape(wo, kx)
     grid = q.reshape(q.shape[0], hi, wi)
@@ -342,6 +342,65 @@ def tap_sum(program, geometry, q):
 
 
 @jit
+def _y_pass(x, u, wi, ky, sy, imap, runs):
+    """u[(oy, px), (o2y, qx)] = Σ_ty x[(iy, px), (jy, qx)] (the same tap on both sides).
+
+    Over the runs of each tap, so that every inner loop is a contiguous add:
+    with stride 1 it spans all the columns of a run at once.
+    """
+    for ty in range(ky):
+        for ra in range(2):
+            base_a = runs + (ty * 2 + ra) * 3
+            a0, a1, ai = imap[base_a], imap[base_a + 1], imap[base_a + 2]
+            for oy in range(a0, a1):
+                iy = ai + sy * (oy - a0)
+                for px in range(wi):
+                    dst = u[oy * wi + px]
+                    src = x[iy * wi + px]
+                    for rb in range(2):
+                        base_b = runs + (ty * 2 + rb) * 3
+                        b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
+                        if sy == 1:
+                            d0 = b0 * wi
+                            s0 = bi * wi
+                            for m in range((b1 - b0) * wi):
+                                dst[d0 + m] += src[s0 + m]
+                        else:
+                            for o2y in range(b0, b1):
+                                d0 = o2y * wi
+                                s0 = (bi + sy * (o2y - b0)) * wi
+                                for m in range(wi):
+                                    dst[d0 + m] += src[s0 + m]
+
+
+@jit
+def _x_pass(u, v, wi, ho, wo, kx, sx, imap, runs):
+    """v[(oy, ox), (o2y, o2x)] = Σ_tx u[(oy, ix), (o2y, jx)]."""
+    for tx in range(kx):
+        for ra in range(2):
+            base_a = runs + (tx * 2 + ra) * 3
+            a0, a1, ai = imap[base_a], imap[base_a + 1], imap[base_a + 2]
+            for ox in range(a0, a1):
+                ix = ai + sx * (ox - a0)
+                for oy in range(ho):
+                    dst = v[oy * wo + ox]
+                    src = u[oy * wi + ix]
+                    for rb in range(2):
+                        base_b = runs + (tx * 2 + rb) * 3
+                        b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
+                        n = b1 - b0
+                        for o2y in range(ho):
+                            d0 = o2y * wo + b0
+                            s0 = o2y * wi + bi
+                            if sx == 1:
+                                for m in range(n):
+                                    dst[d0 + m] += src[s0 + m]
+                            else:
+                                for m in range(n):
+                                    dst[d0 + m] += src[s0 + sx * m]
+
+
+@jit
 def conv_pairs(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, imap, p,
                want_ntk, u_k, u_g, u_t, g_in, ahat, bhat):
     """Convolution of one pair's (P_in, P_in) state into its (P_out, P_out) state.
@@ -352,65 +411,33 @@ def conv_pairs(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, i
     normalised tap roots ``ahat`` (P_out, taps), ``bhat`` (taps, P_out).
     """
     w_var, b_var, theta_k, theta_b = p[0], p[1], p[2], p[3]
-    hi, wi, ho, wo, ky, kx, oy_map, ox_map = geo[0], geo[1], geo[2], geo[3], geo[4], \
-        geo[5], geo[6], geo[7]
+    hi, wi, ho, wo, ky, kx = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+    oy_map, ox_map, sy, sx, runs_y, runs_x = geo[6], geo[7], geo[8], geo[9], geo[10], \
+        geo[11]
     pi = hi * wi
     po = ho * wo
     taps = ky * kx
     w = w_var / taps
     for r in range(pi):
         ar = a[r]
+        cr = c_in[r]
+        gr = g_in[r]
         for s in range(pi):
-            g_in[r, s] = ar * b[s] * c_in[r, s]
+            gr[s] = ar * b[s] * cr[s]
     rows_u = ho * wi
-    for r in range(rows_u):
-        for s in range(rows_u):
-            u_k[r, s] = 0.0
-            u_g[r, s] = 0.0
-            u_t[r, s] = 0.0
-    # y taps: u[(oy, px), (o2y, qx)] = Σ_ty X[(iy, px), (jy, qx)]
-    for oy in range(ho):
-        for ty in range(ky):
-            iy = imap[oy_map + oy * ky + ty]
-            if iy < 0:
-                continue
-            for o2y in range(ho):
-                jy = imap[oy_map + o2y * ky + ty]
-                if jy < 0:
-                    continue
-                for px in range(wi):
-                    src = iy * wi + px
-                    dst = oy * wi + px
-                    for qx in range(wi):
-                        u_k[dst, o2y * wi + qx] += k_in[src, jy * wi + qx]
-                        u_g[dst, o2y * wi + qx] += g_in[src, jy * wi + qx]
-                    if want_ntk:
-                        for qx in range(wi):
-                            u_t[dst, o2y * wi + qx] += t_in[src, jy * wi + qx]
-    # x taps: out[(oy, ox), (o2y, o2x)] = Σ_tx u[(oy, ix), (o2y, jx)]
-    for r in range(po):
-        for s in range(po):
-            k_out[r, s] = 0.0
-            c_out[r, s] = 0.0
-            if want_ntk:
-                t_out[r, s] = 0.0
-    for oy in range(ho):
-        for ox in range(wo):
-            dst = oy * wo + ox
-            for tx in range(kx):
-                ix = imap[ox_map + ox * kx + tx]
-                if ix < 0:
-                    continue
-                src = oy * wi + ix
-                for o2y in range(ho):
-                    for o2x in range(wo):
-                        jx = imap[ox_map + o2x * kx + tx]
-                        if jx < 0:
-                            continue
-                        k_out[dst, o2y * wo + o2x] += u_k[src, o2y * wi + jx]
-                        c_out[dst, o2y * wo + o2x] += u_g[src, o2y * wi + jx]
-                        if want_ntk:
-                            t_out[dst, o2y * wo + o2x] += u_t[src, o2y * wi + jx]
+    u_k[:rows_u, :rows_u] = 0.0
+    u_g[:rows_u, :rows_u] = 0.0
+    k_out[:po, :po] = 0.0
+    c_out[:po, :po] = 0.0
+    _y_pass(k_in, u_k, wi, ky, sy, imap, runs_y)
+    _y_pass(g_in, u_g, wi, ky, sy, imap, runs_y)
+    _x_pass(u_k, k_out, wi, ho, wo, kx, sx, imap, runs_x)
+    _x_pass(u_g, c_out, wi, ho, wo, kx, sx, imap, runs_x)
+    if want_ntk:
+        u_t[:rows_u, :rows_u] = 0.0
+        t_out[:po, :po] = 0.0
+        _y_pass(t_in, u_t, wi, ky, sy, imap, runs_y)
+        _x_pass(u_t, t_out, wi, ho, wo, kx, sx, imap, runs_x)
     # Normalised tap roots: â[o, t] = a_{in(o, t)} / A_o (0 in the padding).
     for o in range(po):
         oy = o // wo
@@ -428,32 +455,34 @@ def conv_pairs(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, i
                 else:
                     ahat[o, t] = a[iy * wi + ix] * inv_a
                     bhat[t, o] = b[iy * wi + ix] * inv_b
+    theta_scale = theta_k / taps
+    half_w = 0.5 * w
     for o in range(po):
         big = big_a[o]
         inv_a = 1.0 / big if big > 0.0 else 0.0
+        ko = k_out[o]
+        co = c_out[o]
+        if want_ntk:
+            to = t_out[o]
+            for o2 in range(po):
+                to[o2] = theta_scale * ko[o2] + theta_b + w * to[o2]
         for o2 in range(po):
-            kk = k_out[o, o2]
-            k_out[o, o2] = w * kk + b_var
-            if want_ntk:
-                t_out[o, o2] = (theta_k / taps) * kk + theta_b + w * t_out[o, o2]
+            ko[o2] = w * ko[o2] + b_var
         for o2 in range(po):
-            bb = big_b[o2]
-            if big > 0.0 and bb > 0.0:
-                inv_b = 1.0 / bb
-                gap = inv_a - inv_b
-                c_out[o, o2] = w * c_out[o, o2] * inv_a * inv_b + 0.5 * b_var * gap * gap
-            else:
-                c_out[o, o2] = -1.0  # marks "no correlation defined" until the end
+            inv_b = 1.0 / big_b[o2] if big_b[o2] > 0.0 else 0.0
+            gap = inv_a - inv_b
+            co[o2] = w * co[o2] * inv_a * inv_b + 0.5 * b_var * gap * gap
         for t in range(taps):
             av = ahat[o, t]
+            bt = bhat[t]
             for o2 in range(po):
-                d = av - bhat[t, o2]
-                c_out[o, o2] += 0.5 * w * d * d
+                d = av - bt[o2]
+                co[o2] += half_w * d * d
         for o2 in range(po):
-            if not (big > 0.0 and big_b[o2] > 0.0):
-                c_out[o, o2] = 0.0
+            if big > 0.0 and big_b[o2] > 0.0:
+                co[o2] = min(max(co[o2], 0.0), 2.0)
             else:
-                c_out[o, o2] = min(max(c_out[o, o2], 0.0), 2.0)
+                co[o2] = 0.0
 
 
 @jit
