@@ -360,22 +360,25 @@ def _y_pass(x, u, wi, ky, sy, imap, runs):
                     for rb in range(2):
                         base_b = runs + (ty * 2 + rb) * 3
                         b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
+                        # Slices indexed from 0 let the compiler vectorise.
                         if sy == 1:
-                            d0 = b0 * wi
-                            s0 = bi * wi
-                            for m in range((b1 - b0) * wi):
-                                dst[d0 + m] += src[s0 + m]
+                            n = (b1 - b0) * wi
+                            d = dst[b0 * wi:b0 * wi + n]
+                            q = src[bi * wi:bi * wi + n]
+                            for m in range(n):
+                                d[m] += q[m]
                         else:
                             for o2y in range(b0, b1):
-                                d0 = o2y * wi
                                 s0 = (bi + sy * (o2y - b0)) * wi
+                                d = dst[o2y * wi:o2y * wi + wi]
+                                q = src[s0:s0 + wi]
                                 for m in range(wi):
-                                    dst[d0 + m] += src[s0 + m]
+                                    d[m] += q[m]
 
 
 @jit
-def _x_pass(u, v, wi, ho, wo, kx, sx, imap, runs):
-    """v[(oy, ox), (o2y, o2x)] = Σ_tx u[(oy, ix), (o2y, jx)]."""
+def _x_pass(u_k, u_g, u_t, v_k, v_g, v_t, wi, ho, wo, kx, sx, imap, runs, want_ntk):
+    """v[(oy, ox), (o2y, o2x)] = Σ_tx u[(oy, ix), (o2y, jx)], for K, G and Θ at once."""
     for tx in range(kx):
         for ra in range(2):
             base_a = runs + (tx * 2 + ra) * 3
@@ -383,21 +386,30 @@ def _x_pass(u, v, wi, ho, wo, kx, sx, imap, runs):
             for ox in range(a0, a1):
                 ix = ai + sx * (ox - a0)
                 for oy in range(ho):
-                    dst = v[oy * wo + ox]
-                    src = u[oy * wi + ix]
+                    dst = oy * wo + ox
+                    src = oy * wi + ix
                     for rb in range(2):
                         base_b = runs + (tx * 2 + rb) * 3
                         b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
                         n = b1 - b0
+                        if n <= 0:
+                            continue
                         for o2y in range(ho):
                             d0 = o2y * wo + b0
                             s0 = o2y * wi + bi
-                            if sx == 1:
+                            s1 = s0 + sx * (n - 1) + 1
+                            dk = v_k[dst, d0:d0 + n]
+                            dg = v_g[dst, d0:d0 + n]
+                            qk = u_k[src, s0:s1:sx]
+                            qg = u_g[src, s0:s1:sx]
+                            for m in range(n):
+                                dk[m] += qk[m]
+                                dg[m] += qg[m]
+                            if want_ntk:
+                                dt = v_t[dst, d0:d0 + n]
+                                qt = u_t[src, s0:s1:sx]
                                 for m in range(n):
-                                    dst[d0 + m] += src[s0 + m]
-                            else:
-                                for m in range(n):
-                                    dst[d0 + m] += src[s0 + sx * m]
+                                    dt[m] += qt[m]
 
 
 @jit
@@ -431,13 +443,11 @@ def conv_pairs(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, i
     c_out[:po, :po] = 0.0
     _y_pass(k_in, u_k, wi, ky, sy, imap, runs_y)
     _y_pass(g_in, u_g, wi, ky, sy, imap, runs_y)
-    _x_pass(u_k, k_out, wi, ho, wo, kx, sx, imap, runs_x)
-    _x_pass(u_g, c_out, wi, ho, wo, kx, sx, imap, runs_x)
     if want_ntk:
         u_t[:rows_u, :rows_u] = 0.0
         t_out[:po, :po] = 0.0
         _y_pass(t_in, u_t, wi, ky, sy, imap, runs_y)
-        _x_pass(u_t, t_out, wi, ho, wo, kx, sx, imap, runs_x)
+    _x_pass(u_k, u_g, u_t, k_out, c_out, t_out, wi, ho, wo, kx, sx, imap, runs_x, want_ntk)
     # Normalised tap roots: â[o, t] = a_{in(o, t)} / A_o (0 in the padding).
     for o in range(po):
         oy = o // wo
