@@ -72,6 +72,12 @@ class Dense(Layer, OpKind):
     # ------------------------------------------------------------ lowering
 
     def lower(self, builder, where):
+        if builder.final and builder.spatial is not None:
+            raise SpecError(
+                f"{where}: the readout gets positions (images or sequences), but a "
+                "network on them must end with flatten or global_avg_pool before its "
+                "readout dense layer; add one (e.g. '..., global_avg_pool, dense'), or "
+                "flatten the inputs for a fully-connected network")
         w_var, b_var = self.w_std ** 2, self.b_std ** 2
         if self.parameterization == "ntk":
             theta_k, theta_b = w_var, b_var

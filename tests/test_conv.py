@@ -1,0 +1,181 @@
+"""Kernels of networks on images and sequences (limitkernel.layers.conv and the
+spatial passes), against the mpmath recursion of :mod:`reference`, which carries
+the whole joint covariance of both inputs' positions from the definitions.
+
+Tolerances: the pass does a handful of roundings per entry and layer, and keeps
+1 − ρ accurate through convolutions, so 1e-13 relative to √(K(x,x) K(x',x'))
+(the scale of an entry) holds everywhere but where the docs say otherwise
+(nearly identical inputs after a pooling layer).
+"""
+
+import numpy as np
+import pytest
+from reference import spatial_kernel_mp
+
+import limitkernel as lk
+
+RTOL = 1e-13
+
+CASES = [
+    # same positions (flatten)
+    ("conv(w_std=1.5, b_std=0.1), relu, conv(w_std=1.3, b_std=0.2), relu, flatten, "
+     "dense(w_std=1.2, b_std=0.1)", (4, 4, 2)),
+    ("conv(padding=valid, w_std=1.5, b_std=0.1), erf, conv(stride=2, w_std=1.3), relu, "
+     "flatten, dense", (5, 5, 2)),
+    ("conv(padding=circular, b_std=0.3), relu, conv(padding=circular, stride=2), relu, "
+     "flatten, dense", (4, 5, 1)),
+    ("conv(k=3:2, b_std=0.2), relu, flatten, dense", (4, 5, 1)),
+    ("conv(k=3, stride=2, b_std=0.2), relu, conv(k=2, padding=valid), relu, flatten, dense",
+     (9, 2)),
+    ("conv, relu, dense(b_std=0.3), relu, flatten, dense", (3, 4, 2)),
+    ("conv(b_std=0.1), parallel[relu, conv; erf, conv(padding=circular)], relu, flatten, "
+     "dense", (3, 3, 2)),
+    # pairs of positions (pooling)
+    ("conv(padding=circular, w_std=1.5, b_std=0.1), relu, avg_pool, conv, relu, "
+     "global_avg_pool, dense", (4, 4, 1)),
+    ("conv(k=3, b_std=0.2), relu, conv(k=5, padding=valid), gelu, global_avg_pool, dense",
+     (8, 2)),
+    ("conv(b_std=0.1), residual[relu, conv, relu, conv], relu, global_avg_pool, dense",
+     (3, 3, 2)),
+    ("conv, layernorm, relu, conv, global_avg_pool, dense", (3, 3, 2)),
+    ("conv(stride=2), relu, avg_pool(k=3, stride=1, padding=same), conv, global_avg_pool, "
+     "dense", (5, 5, 1)),
+    ("conv(b_std=0.2), relu, avg_pool(k=2:1), conv(k=1), relu, flatten, dense", (4, 3, 2)),
+    ("conv(b_std=0.1), relu, global_avg_pool, dense(b_std=0.1), relu, dense", (3, 3, 2)),
+]
+
+ACTIVATIONS = ["relu", "leaky_relu(alpha=0.1)", "abrelu(a=-0.3, b=1.2)", "abs", "identity",
+               "step", "sign", "erf(a=1.1, b=0.7, c=0.2)", "sigmoid_like", "gelu",
+               "sin(a=1, b=0.8, c=0.3)", "cos", "rbf(gamma=0.5)", "gaussian(a=1, b=-0.5)",
+               "exp(a=0.5, b=0.3)"]
+
+
+def _assert_matches(spec, x, pairs, rtol=RTOL):
+    got = lk.kernel(spec, x)
+    for i, j in pairs:
+        (k11, k12, k22), (t11, t12, t22) = spatial_kernel_mp(spec, x[i], x[j], dps=25)
+        for kind, ref, scale in (("nngp", k12, np.sqrt(k11 * k22)),
+                                 ("ntk", t12, np.sqrt(t11 * t22))):
+            err = abs(got[kind][i, j] - ref)
+            assert err <= rtol * scale, f"{kind}[{i},{j}] off by {err / scale:.2e}: {spec}"
+
+
+@pytest.mark.parametrize("spec, shape", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_matches_mpmath(spec, shape):
+    x = np.random.default_rng(1).standard_normal((3,) + shape)
+    _assert_matches(spec, x, [(0, 1), (1, 2), (0, 0)])
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("readout", ["global_avg_pool", "flatten"])
+def test_every_closed_form_activation_matches_mpmath(act, readout):
+    spec = f"conv(w_std=1.2, b_std=0.2), {act}, conv(k=2, b_std=0.1), {act}, {readout}, dense"
+    x = 0.7 * np.random.default_rng(2).standard_normal((2, 3, 3, 2))
+    _assert_matches(spec, x, [(0, 1)])
+
+
+def _near(rng, base, distances):
+    out = []
+    for eps in distances:
+        d = rng.standard_normal(base.shape)
+        out.append(base + d * eps * np.linalg.norm(base) / np.linalg.norm(d))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("spec", [
+    "conv(w_std=1.5, b_std=0.1), relu, conv(b_std=0.1), relu, flatten, dense",
+    "conv(w_std=1.5), relu, conv, relu, flatten, dense",
+    "conv(w_std=1.5, b_std=0.1), relu, conv(b_std=0.1), relu, global_avg_pool, dense",
+])
+def test_nearly_identical_images_keep_full_precision(spec):
+    """Images 1e-9 … 1e-3 apart (relative), and one scaled by 2.5: the NTK of the
+    second ReLU needs 1 − ρ to full relative precision after the convolutions."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((4, 4, 2))
+    others = np.concatenate([_near(rng, base, (1e-9, 1e-7, 1e-5, 1e-3)), 2.5 * base[None]])
+    got = lk.kernel(spec, base[None], others)
+    for j, other in enumerate(others):
+        (_, k12, _), (_, t12, _) = spatial_kernel_mp(spec, base, other, dps=40)
+        np.testing.assert_allclose(got["nngp"][0, j], k12, rtol=RTOL, atol=0)
+        np.testing.assert_allclose(got["ntk"][0, j], t12, rtol=RTOL, atol=0)
+
+
+def test_after_pooling_nearly_identical_images_meet_the_documented_bound():
+    """Pooling averages correlated terms, so 1 − ρ after it has an absolute error
+    of about 1e-16; a later ReLU's NTK factor (π − θ)/(2π) then errs by about
+    1e-16/θ relative, θ ≈ √(2(1 − ρ)). At relative distance 1e-9 … 1e-5, 1e-6
+    relative bounds it with room; at 1e-3 the full 1e-13 holds again."""
+    spec = ("conv(w_std=1.5, b_std=0.1), relu, avg_pool, conv(b_std=0.1), relu, "
+            "global_avg_pool, dense")
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((4, 4, 2))
+    others = _near(rng, base, (1e-9, 1e-7, 1e-5, 1e-3))
+    got = lk.kernel(spec, base[None], others)
+    for j, (other, rtol) in enumerate(zip(others, (1e-6, 1e-6, 1e-6, 1e-12))):
+        (_, k12, _), (_, t12, _) = spatial_kernel_mp(spec, base, other, dps=40)
+        np.testing.assert_allclose(got["nngp"][0, j], k12, rtol=RTOL, atol=0)
+        np.testing.assert_allclose(got["ntk"][0, j], t12, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("spec", [
+    "conv(b_std=0.1), relu, avg_pool, conv, erf, global_avg_pool, dense(b_std=0.2), relu, dense",
+    "conv, relu, conv(padding=valid), relu, global_avg_pool, dense",
+])
+def test_identical_images_give_exactly_the_diagonal_when_pooling(spec):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 5, 5, 1))
+    x[2] = x[0]
+    out = lk.kernel(spec, x)
+    for kind in ("nngp", "ntk"):
+        assert out[kind][0, 2] == out[kind][0, 0] == out[kind][2, 2]
+        cross = lk.kernel(spec, x[:1], x[2:3])[kind]
+        assert cross[0, 0] == out[kind][0, 0]
+
+
+@pytest.mark.parametrize("spec, shape", [CASES[0], CASES[4], CASES[7], CASES[9]])
+def test_symmetric_psd_and_same_as_cross(spec, shape):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((12,) + shape)
+    sym = lk.kernel(spec, x)
+    cross = lk.kernel(spec, x, x.copy())
+    perm = rng.permutation(len(x))
+    permuted = lk.kernel(spec, x[perm])
+    for kind in ("nngp", "ntk"):
+        np.testing.assert_array_equal(sym[kind], sym[kind].T)
+        np.testing.assert_allclose(cross[kind], sym[kind], rtol=1e-14, atol=0)
+        np.testing.assert_allclose(permuted[kind], sym[kind][np.ix_(perm, perm)], rtol=1e-14)
+        evals = np.linalg.eigvalsh(sym[kind])
+        assert evals[0] >= -1e-13 * evals[-1]
+        np.testing.assert_allclose(np.diag(sym[kind]),
+                                   lk.kernel_diag(spec, x)[kind], rtol=1e-15)
+
+
+def test_tiles_of_a_large_gram_agree_with_small_calls():
+    spec = CASES[7][0]
+    x = np.random.default_rng(7).standard_normal((9, 4, 4, 1))
+    full = lk.kernel(spec, x)
+    part = lk.kernel(spec, x[:4], x[5:])
+    for kind in ("nngp", "ntk"):
+        np.testing.assert_allclose(part[kind], full[kind][:4, 5:], rtol=1e-15)
+
+
+@pytest.mark.parametrize("spec, shape, message", [
+    ("dense, conv, relu, flatten, dense", (5,), "conv needs a spatial input"),
+    ("conv, relu, flatten, conv, dense", (4, 4, 1), "conv needs a spatial input"),
+    ("dense, relu, dense", (4, 4, 1), "flatten or global_avg_pool"),
+    ("conv, relu, avg_pool(k=5), global_avg_pool, dense", (4, 4, 1), "larger than its input"),
+    ("conv(padding=valid, k=5), relu, flatten, dense", (4, 4, 1), "larger than its input"),
+    ("conv, flatten, relu, dense", (4, 4, 1), "flatten of positions"),
+    ("conv, residual[relu, conv, flatten], dense", (4, 4, 1), "inside a block"),
+    ("conv(parameterization=standard), relu, flatten, dense", (4, 4, 1), "width"),
+    ("conv(k=3:3), relu, flatten, dense", (6, 1), "sequence"),
+])
+def test_mismatched_specs_and_inputs_are_explained(spec, shape, message):
+    x = np.ones((2,) + shape)
+    with pytest.raises((lk.SpecError, ValueError), match=message):
+        lk.kernel(spec, x)
+
+
+def test_input_shapes_must_agree():
+    with pytest.raises(ValueError, match="same shape per input"):
+        lk.kernel("conv, relu, flatten, dense", np.ones((2, 4, 4, 1)), np.ones((2, 4, 5, 1)))
