@@ -5,8 +5,10 @@ Tangents and JAX installed (see README.rst), so it imports nothing from
 limitkernel or from the other benchmark files. It loads the inputs from
 ``.npy`` files, builds the kernel function of one of the networks below, warms
 up with one full call, times ``--repeats`` more calls and prints one line
-``BENCH_RESULT {json}`` on stdout: the best time, all times, the warm-up time,
-the peak RSS of this process and the versions. ``--save`` also writes the
+``BENCH_RESULT {json}`` on stdout: the best wall-clock time, all times, the CPU
+time of this process in each timed call (all threads; less sensitive than the
+wall clock to other load on the machine), the warm-up time, the peak RSS of
+this process and the versions. ``--save`` also writes the
 kernels to an ``.npz`` file (``nngp``, ``ntk``).
 
 The networks (every layer ``W_std=--w-std``, ``b_std=--b-std``; defaults
@@ -166,13 +168,14 @@ def main(argv=None):
         t0 = time.perf_counter()
         out = run()  # warm-up: compiles for the block shapes
         warmup = time.perf_counter() - t0
-        times = []
+        times, cpu_times = [], []
         for _ in range(max(1, args.repeats)):
             out = None
             gc.collect()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = run()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         nngp, ntk = np.asarray(out.nngp), np.asarray(out.ntk)
         if not (np.all(np.isfinite(nngp)) and np.all(np.isfinite(ntk))):
             raise ArithmeticError("Neural Tangents returned non-finite kernel entries")
@@ -193,6 +196,7 @@ def main(argv=None):
                 "result_dtype": str(ntk.dtype),
                 "time": min(times),
                 "times": times,
+                "cpu_times": cpu_times,
                 "warmup_time": warmup,
                 "peak_rss_bytes": _peak_rss_bytes(),
                 "peak_rss_after_setup_bytes": rss_before,
