@@ -22,6 +22,8 @@ row's entries (a row kernel, defined beside its layer kind in
 are a few rows.
 """
 
+import math
+
 import numpy as np
 from numba import prange
 
@@ -53,7 +55,7 @@ from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layerno
 from .layers.numerical import OP_HERMITE, hermite_row
 
 __all__ = ["DISPATCHED", "NEAR_DUPLICATE", "apply_row_op", "gram_block", "init_row",
-           "mirror_upper"]
+           "mirror_upper", "run_ops", "self_rows"]
 
 # Every opcode the passes run (this one, and those of positions in
 # :mod:`limitkernel._fused_spatial`); an op a pass does not know leaves its code
@@ -70,8 +72,13 @@ NEAR_DUPLICATE = 1e-3
 
 
 @jit
-def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, sym):
-    """Input layer: q12 = x·x'/d from the GEMM, and an accurate 1 - ρ."""
+def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym):
+    """Input layer: q12 = x·x'/d from the GEMM, and an accurate 1 - ρ.
+
+    ``s1``, ``s2`` are the inputs' norms/√d, ``v1``, ``v2`` their squares as
+    the diagonals hold them: a pair of identical inputs (the same unit vector
+    and norm) takes exactly the diagonal's value, not the GEMM's.
+    """
     n = q12.shape[0]
     for j in range(n):
         q = q12[j] * scale
@@ -87,9 +94,11 @@ def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, sym):
                 diff = x1n[i, k] - x2n[j0 + j, k]
                 acc += diff * diff
             one_minus_rho[j] = 0.5 * acc
+            if acc == 0.0 and s1 == s2[j]:
+                q12[j] = v1
     if sym and j0 == i:
         one_minus_rho[0] = 0.0
-        q12[0] = s1 * s1
+        q12[0] = v1
 
 
 @jit
@@ -129,18 +138,55 @@ def apply_row_op(code, p, q12, one_minus_rho, ntk, r11, r22, n11, n22, first_is_
     return True
 
 
+@jit
+def run_ops(l0, l1, q12, one_minus_rho, ntk, stash, rho, acc, i, j0, roots1, roots2, codes,
+            prm, h1, h2, hd1, hd2, same, want_ntk, status):
+    """Ops l0 … l1 − 1 on one row of entries (row input i, columns j0 … j0 + n).
+
+    Returns the stash and the Hermite scratch rows, which grow on demand.
+    ``same``: the row input is column j0 (the same example: dropout scales it).
+    """
+    n = q12.shape[0]
+    for layer in range(l0, l1):
+        code = codes[layer]
+        p = prm[layer]
+        r11 = roots1[layer, i]
+        r22 = roots2[layer, j0:j0 + n]
+        n11 = roots1[layer + 1, i]
+        n22 = roots2[layer + 1, j0:j0 + n]
+        if apply_row_op(code, p, q12, one_minus_rho, ntk, r11, r22, n11, n22, same,
+                        want_ntk):
+            continue
+        if code == OP_HERMITE:
+            if rho.shape[0] < n:
+                rho = np.empty(n)
+                acc = np.empty(n)
+            h = int(p[0])
+            hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, h1[h, i],
+                        h2[h, :, j0:j0 + n], hd1[h, i], hd2[h, :, j0:j0 + n], int(p[1]),
+                        rho[:n], acc[:n], want_ntk)
+        elif code == OP_SAVE or code == OP_LOAD or code == OP_ADD:
+            stash = stash_op(code, q12, one_minus_rho, ntk, stash, layer, i, j0, roots1,
+                             roots2, p, want_ntk)
+        else:
+            status[0] = code
+    return stash, rho, acc
+
+
 @jit_parallel
-def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, roots1, roots2,
+def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, roots1, roots2, var1, var2,
                codes, prm, h1, h2, hd1, hd2, status, want_ntk):
     """Fill rows r0 .. r0 + len(g) of the outputs, columns c0 .. c0 + g.shape[1].
 
     ``g[ii, jj]`` holds x_{r0+ii} · x'_{c0+jj} (unscaled) on entry (a scratch
     buffer, overwritten). ``roots1[l], roots2[l]`` are the square roots of the
-    diagonals entering op l (row l = 0 is the input layer). With ``sym`` only
-    the entries with column >= row are computed. ``h1[m]`` (N, terms) and
-    ``h2[m]`` (terms, M) hold the Hermite coefficients of the m-th numerical
-    layer for rows and columns, ``hd1``, ``hd2`` those of its derivative.
-    ``status[0]`` receives the code of an op this pass does not know (-1 if none).
+    diagonals entering op l (row l = 0 is the input layer), ``var1``, ``var2``
+    the input layer's diagonals themselves. With ``sym`` only the entries with
+    column >= row are computed. ``h1[m]`` (N, terms) and ``h2[m]`` (terms, M)
+    hold the Hermite coefficients of the m-th numerical layer for rows and
+    columns, ``hd1``, ``hd2`` those of its derivative. ``status[0]`` receives
+    the code of an op this pass does not know (-1 if none), ``status[1:3]`` the
+    row and column of an entry that is not finite.
     """
     nb, m = g.shape
     n_ops = codes.shape[0]
@@ -161,38 +207,56 @@ def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, roots1, roots2,
         for jj in range(n):
             q12[jj] = g[ii, start + jj]
         init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, roots1[0, i],
-                 roots2[0, j0:j0 + n], sym)
-        rho = np.empty(0)
-        acc = np.empty(0)
-        stash = np.empty((0, 0))
-        for layer in range(n_ops):
-            code = codes[layer]
-            p = prm[layer]
-            r11 = roots1[layer, i]
-            r22 = roots2[layer, j0:j0 + n]
-            n11 = roots1[layer + 1, i]
-            n22 = roots2[layer + 1, j0:j0 + n]
-            if apply_row_op(code, p, q12, one_minus_rho, ntk, r11, r22, n11, n22,
-                            sym and j0 == i, want_ntk):
-                continue
-            if code == OP_HERMITE:
-                if rho.shape[0] < n:
-                    rho = np.empty(n)
-                    acc = np.empty(n)
-                h = int(p[0])
-                hermite_row(q12, one_minus_rho, ntk, n11, n22, h1[h, i],
-                            h2[h, :, j0:j0 + n], hd1[h, i], hd2[h, :, j0:j0 + n],
-                            int(p[1]), rho[:n], acc[:n], want_ntk)
-            elif code == OP_SAVE or code == OP_LOAD or code == OP_ADD:
-                stash = stash_op(code, q12, one_minus_rho, ntk, stash, layer, i, j0,
-                                 roots1, roots2, p, want_ntk)
-            else:
-                status[0] = code
+                 roots2[0, j0:j0 + n], var1[i], var2[j0:j0 + n], sym)
+        run_ops(0, n_ops, q12, one_minus_rho, ntk, np.empty((0, 0)), np.empty(0),
+                np.empty(0), i, j0, roots1, roots2, codes, prm, h1, h2, hd1, hd2,
+                sym and j0 == i, want_ntk, status)
+        for jj in range(n):
+            if not (math.isfinite(q12[jj]) and math.isfinite(ntk[jj])):
+                status[1] = i
+                status[2] = j0 + jj
         for jj in range(n):
             k_out[i, j0 + jj] = q12[jj]
         if want_ntk:
             for jj in range(n):
                 t_out[i, j0 + jj] = ntk[jj]
+
+
+@jit_parallel
+def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, status):
+    """Ops l0 … l1 − 1 of every input with itself; fills ``var``, ``roots`` (L + 1, N).
+
+    ``k``, ``c``, ``t`` (N,) hold each input's state (K, 1 − ρ = 0, Θ) and
+    ``stash`` (N, 3·slots, 1) its stash, carried from one call to the next (the
+    caller stops at each Hermite op to compute its tables). Each op runs once
+    to learn the variance it leaves (K never depends on it) and once for real,
+    exactly as a pair of identical inputs will, so that their entries equal
+    the diagonal.
+    """
+    n_inputs = k.shape[0]
+    for i in prange(n_inputs):
+        q12 = k[i:i + 1]
+        omr = c[i:i + 1]
+        ntk = t[i:i + 1]
+        own = stash[i]
+        probe_k = np.empty(1)
+        probe_c = np.empty(1)
+        probe_t = np.empty(1)
+        rho = np.empty(1)
+        acc = np.empty(1)
+        for layer in range(l0, l1):
+            probe_k[0] = q12[0]
+            probe_c[0] = omr[0]
+            probe_t[0] = ntk[0]
+            probe_stash = own.copy()
+            roots[layer + 1, i] = 1.0
+            run_ops(layer, layer + 1, probe_k, probe_c, probe_t, probe_stash, rho, acc, i, i,
+                    roots, roots, codes, prm, h1, h2, hd1, hd2, True, True, status)
+            var[layer + 1, i] = probe_k[0]
+            roots[layer + 1, i] = math.sqrt(probe_k[0])
+            run_ops(layer, layer + 1, q12, omr, ntk, own, rho, acc, i, i, roots, roots,
+                    codes, prm, h1, h2, hd1, hd2, True, True, status)
+            omr[0] = 0.0
 
 
 @jit_parallel

@@ -460,3 +460,51 @@ def run_pair_tail(layer, state, spare, stash, i, codes, prm, geo, imap, offsets,
     for m in range(stash.shape[0]):
         stash[m, 0, 0] = rows_stash[m, 0, 0]
     return state
+
+
+@jit_parallel
+def self_rows(x, xn, xt, xnt, var, root, root_t, codes, prm, geo, imap, offsets, positions,
+              n_slots, status):
+    """The same-position state of every input with itself: fills ``var``, ``root``
+    (N, R) and ``root_t`` (R, N) for every op after the input layer (whose
+    entries the caller has set), through the same code as :func:`rows_block`, so
+    that identical inputs give exactly the diagonal. Returns the final K and Θ.
+    """
+    n_inputs = x.shape[0]
+    n_ops = codes.shape[0]
+    pmax = 0
+    for layer in range(positions.shape[0]):
+        pmax = max(pmax, positions[layer])
+    nngp = np.empty(n_inputs)
+    ntk = np.empty(n_inputs)
+    for i in prange(n_inputs):
+        state = np.empty((3, pmax, 1))
+        spare = np.empty((3, pmax, 1))
+        stash = np.zeros((3 * max(n_slots, 1), pmax, 1))
+        probe = np.empty((3, pmax, 1))
+        probe_spare = np.empty((3, pmax, 1))
+        inv_b = np.empty(1)
+        init_rows(state[0], state[1], x, xn, i, xt, xnt, i, i + 1, root[i], root_t)
+        state[2, :, :] = 0.0
+        for layer in range(n_ops):
+            offn = offsets[layer + 1]
+            size_out = positions[layer + 1]
+            probe[:, :, :] = state[:, :, :]
+            probe_stash = stash.copy()
+            for r in range(size_out):
+                root[i, offn + r] = 1.0
+                root_t[offn + r, i] = 1.0
+            out, _ = run_rows(layer, layer + 1, probe, probe_spare, probe_stash, i, i, i + 1,
+                              True, codes, prm, geo, imap, offsets, positions, root, root_t,
+                              True, inv_b, status)
+            for r in range(size_out):
+                v = out[0, r, 0]
+                var[i, offn + r] = v
+                root[i, offn + r] = math.sqrt(v)
+                root_t[offn + r, i] = math.sqrt(v)
+            state, spare = run_rows(layer, layer + 1, state, spare, stash, i, i, i + 1, True,
+                                    codes, prm, geo, imap, offsets, positions, root, root_t,
+                                    True, inv_b, status)
+        nngp[i] = state[0, 0, 0]
+        ntk[i] = state[2, 0, 0]
+    return nngp, ntk

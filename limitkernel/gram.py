@@ -133,6 +133,99 @@ def _stack_tables(tables, n, transpose):
     return out
 
 
+def self_diagonals(program, xs):
+    """Every input with itself, through the row kernels of the fused pass.
+
+    ``xs``: one or two input sets (rows, columns), vectors (n, d). Returns one
+    dict per set: ``var`` and ``roots`` (L + 1, n) — the diagonals entering
+    each op and their roots —, ``nngp``, ``ntk`` (n,) and ``tables`` (the
+    Hermite coefficients of each numerical op, cut at the same number of
+    terms for both sets). Running the same kernels as the Gram entries makes
+    a pair of identical inputs give exactly the diagonal.
+    """
+    n_ops = len(program.ops)
+    sides = []
+    for x in xs:
+        n = x.shape[0]
+        var = np.zeros((n_ops + 1, n))
+        var[0] = np.einsum("ij,ij->i", x, x) / x.shape[1]
+        small = (var[0] < _TINY_VARIANCE) & np.any(x != 0, axis=1)
+        if small.any():
+            raise FloatingPointError(
+                f"the inputs are too small: x·x/d of input {int(np.argmax(small))} is "
+                f"{float(var[0][small].min()):.3g}, where float64 loses relative "
+                "precision; rescale them (e.g. x / x.std())")
+        sides.append({"var": var, "roots": np.sqrt(var), "k": var[0].copy(),
+                      "c": np.zeros(n), "t": np.zeros(n),
+                      "stash": np.zeros((n, 3 * max(program.n_slots, 1), 1)),
+                      "tables": []})
+    numerical = [index for index, op in enumerate(program.ops)
+                 if getattr(op.kind, "series", False)]
+    start = 0
+    for stop in numerical + [n_ops]:
+        for side in sides:
+            _run_self(program, side, start, stop)
+        if stop == n_ops:
+            break
+        kind = program.ops[stop].kind
+        coefs = [kind.coefficients(side["var"][stop]) for side in sides]
+        terms = max(c[0].shape[1] for c in coefs)
+        for side, pair in zip(sides, coefs):
+            if pair[0].shape[1] < terms:
+                pair = kind.coefficients(side["var"][stop], terms=terms)
+            side["tables"].append(pair)
+        program.ops[stop].params["table"] = len(sides[0]["tables"]) - 1
+        program.ops[stop].params["terms"] = terms
+        program.prm[stop, :len(kind.row_params)] = program.ops[stop].row()
+        start = stop
+    for side in sides:
+        _check_range(program, side["var"], side["t"])
+        side["nngp"], side["ntk"] = side.pop("k"), side.pop("t")
+    return sides
+
+# Below this, float64 variances lose relative precision (products of two of them
+# reach the subnormal range): refuse rather than return rounded-away numbers.
+_TINY_VARIANCE = 1e-280
+
+
+def _check_range(program, var, ntk):
+    """Refuse diagonals that overflowed or underflowed, naming the first such op."""
+    ops = program.ops
+    bad = ~np.isfinite(var).all(axis=1)
+    if bad.any() or not np.all(np.isfinite(ntk)):
+        index = int(np.argmax(bad)) if bad.any() else len(ops)
+        raise FloatingPointError(
+            f"the kernel overflows at layer {max(index, 1)} ({ops[max(index - 1, 0)]}): "
+            f"variances reach {float(np.max(np.abs(var[:index]))):.3g} before it; lower "
+            "w_std, b_std or the input scale")
+    tiny = (var > 0) & (var < _TINY_VARIANCE)
+    lost = np.zeros_like(tiny)
+    lost[1:] = (var[1:] == 0) & (var[:-1] > 0)
+    if tiny[0].any():
+        raise FloatingPointError(
+            f"the inputs are too small: x·x/d reaches {float(var[0][tiny[0]].min()):.3g}, "
+            "where float64 loses relative precision; rescale them (e.g. x / x.std())")
+    if (tiny | lost).any():
+        index = int(np.argmax((tiny | lost).any(axis=1)))
+        raise FloatingPointError(
+            f"the variances underflow at layer {index} ({ops[index - 1]}): they reach "
+            f"{float(var[index][(tiny | lost)[index]].min()):.3g}, where float64 loses "
+            "relative precision; raise w_std or b_std, or rescale the inputs")
+
+
+def _run_self(program, side, start, stop):
+    if stop <= start:
+        return
+    n = side["var"].shape[1]
+    h1, hd1 = _stack_tables(side["tables"], n, False)
+    h2, hd2 = _stack_tables(side["tables"], n, True)
+    status = np.full(1, -1, dtype=np.int64)
+    _fused.self_rows(start, stop, side["var"], side["roots"], side["k"], side["c"],
+                     side["t"], side["stash"], program.codes, program.prm, h1, h2, hd1, hd2,
+                     status)
+    _check_status(status)
+
+
 # ------------------------------------------------------------ public API
 
 
@@ -140,13 +233,15 @@ class _Side:
     """What the fused pass needs of the rows (or the columns) of a Gram matrix.
 
     ``x`` the inputs, ``xn`` the inputs scaled to unit norm, ``roots`` (L + 1, n)
-    the square roots of the diagonals entering each layer, ``h``, ``hd`` the
-    Hermite tables of the numerical layers: (T, n, terms) for rows, (T, terms, n)
-    for columns (``axis`` is the axis of ``h`` that runs over inputs).
+    the square roots of the diagonals entering each layer, ``var0`` (n,) the
+    input layer's diagonals, ``h``, ``hd`` the Hermite tables of the numerical
+    layers: (T, n, terms) for rows, (T, terms, n) for columns (``axis`` is the
+    axis of ``h`` that runs over inputs).
     """
 
-    def __init__(self, x, xn, roots, h, hd, axis):
-        self.x, self.xn, self.roots, self.h, self.hd, self.axis = x, xn, roots, h, hd, axis
+    def __init__(self, x, xn, roots, var0, h, hd, axis):
+        self.x, self.xn, self.roots, self.var0 = x, xn, roots, var0
+        self.h, self.hd, self.axis = h, hd, axis
 
     def __len__(self):
         return self.x.shape[0]
@@ -157,8 +252,8 @@ class _Side:
             return self
         cut = (slice(None),) * self.axis + (slice(a, b),)
         return _Side(self.x[a:b], self.xn[a:b], np.ascontiguousarray(self.roots[:, a:b]),
-                     np.ascontiguousarray(self.h[cut]), np.ascontiguousarray(self.hd[cut]),
-                     self.axis)
+                     self.var0[a:b], np.ascontiguousarray(self.h[cut]),
+                     np.ascontiguousarray(self.hd[cut]), self.axis)
 
 
 class _SpatialSide:
@@ -237,21 +332,24 @@ class GramPlan:
         self.n_features = int(np.prod(x1.shape[1:]))
         self.shape = (len(x1), len(x1 if x2 is None else x2))
         self.codes, self.prm = program.codes, program.prm
+        self.program = program
         if program.spatial is not None:
             self._init_spatial(program, x1, x2)
             return
         self.spatial = None
         self.scale = 1.0 / x1.shape[1]
-        roots1, self.nngp_diag, self.ntk_diag = program.diagonals(x1)
-        roots2 = roots1 if self.symmetric else program.diagonals(x2)[0]
-        tables1 = program.hermite_tables(roots1)
-        tables2 = tables1 if self.symmetric else program.hermite_tables(roots2)
+        program.diagonals(x1)  # the correlation slope χ, for the degenerate warning
+        self.chi = program.chi
+        x2 = x1 if self.symmetric else x2
+        sides = self_diagonals(program, [x1] if self.symmetric else [x1, x2])
+        self.nngp_diag, self.ntk_diag = sides[0]["nngp"], sides[0]["ntk"]
         x1n = _normalise(x1)
         x2n = x1n if self.symmetric else _normalise(x2)
-        self.rows = _Side(x1, x1n, roots1, *_stack_tables(tables1, len(x1), False), 1)
-        x2 = x1 if self.symmetric else x2
-        self.cols = _Side(x2, x2n, roots2, *_stack_tables(tables2, len(x2), True), 2)
-        self.chi = program.chi
+        first, last = sides[0], sides[-1]
+        self.rows = _Side(x1, x1n, first["roots"], first["var"][0],
+                          *_stack_tables(first["tables"], len(x1), False), 1)
+        self.cols = _Side(x2, x2n, last["roots"], last["var"][0],
+                          *_stack_tables(last["tables"], len(x2), True), 2)
 
     def _init_spatial(self, program, x1, x2):
         """Images or sequences: per-position tables of diagonals for both sides."""
@@ -282,8 +380,18 @@ class GramPlan:
                     self.work_size, program.collapse, status)
                 _check_status(status)
             else:
-                var, nngp, ntk = program.spatial_diagonals(flat)
+                var = np.zeros((len(x), program.table_width))
+                var[:, :program.positions[0]] = np.einsum("npc,npc->np", flat, flat) / \
+                    flat.shape[2]
                 root = np.sqrt(var)
+                root_t = np.ascontiguousarray(root.T)
+                status = np.full(1, -1, dtype=np.int64)
+                nngp, ntk = _fused_spatial.self_rows(
+                    flat, xn, np.ascontiguousarray(flat.transpose(1, 2, 0)),
+                    np.ascontiguousarray(xn.transpose(1, 2, 0)), var, root, root_t,
+                    program.codes, program.prm, program.geo, program.imap, program.offsets,
+                    program.positions, self.n_slots, status)
+                _check_status(status)
             if not (np.all(np.isfinite(var)) and np.all(np.isfinite(ntk))):
                 raise FloatingPointError("the kernel overflows on these inputs; lower "
                                          "w_std, b_std or the input scale")
@@ -301,7 +409,7 @@ class GramPlan:
         least (r1 - r0)(c1 - c0) entries. With ``sym`` only entries with
         column >= row are written.
         """
-        status = np.full(1, -1, dtype=np.int64)
+        status = np.full(3, -1, dtype=np.int64)
         if self.spatial is not None:
             if self.spatial.pairs:
                 _fused_spatial.pairs_block(
@@ -318,10 +426,37 @@ class GramPlan:
             return
         dest = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
         np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=dest)
+        status = np.full(3, -1, dtype=np.int64)
         _fused.gram_block(dest, k_out, t_out, r0, c0, sym, self.scale, rows.xn, cols.xn,
-                          rows.roots, cols.roots, self.codes, self.prm, rows.h, cols.h,
-                          rows.hd, cols.hd, status, self.want_ntk)
+                          rows.roots, cols.roots, rows.var0, cols.var0, self.codes, self.prm,
+                          rows.h, cols.h, rows.hd, cols.hd, status, self.want_ntk)
         _check_status(status)
+        if status[1] >= 0:
+            self._not_finite(rows, cols, int(status[1]), int(status[2]))
+
+    def _not_finite(self, rows, cols, i, j):
+        """Raise for the entry (i, j) that is not finite, naming the op that made it so."""
+        one = np.full(1, float(rows.x[i] @ cols.x[j]))
+        omr, ntk = np.empty(1), np.zeros(1)
+        status = np.full(3, -1, dtype=np.int64)
+        _fused.init_row(one, omr, self.scale, i, j, rows.xn, cols.xn, rows.roots[0, i],
+                        cols.roots[0, j:j + 1], rows.var0[i], cols.var0[j:j + 1], False)
+        stash, rho, acc = np.empty((0, 0)), np.empty(0), np.empty(0)
+        for layer in range(len(self.codes)):
+            stash, rho, acc = _fused.run_ops(
+                layer, layer + 1, one, omr, ntk, stash, rho, acc, i, j, rows.roots,
+                cols.roots, self.codes, self.prm, rows.h, cols.h, rows.hd, cols.hd,
+                False, self.want_ntk, status)
+            if not (np.isfinite(one[0]) and np.isfinite(ntk[0])):
+                raise FloatingPointError(
+                    f"the kernel is not finite between inputs {i} and {j}: layer "
+                    f"{layer + 1} ({self.program.ops[layer]}) gives "
+                    f"{'K' if not np.isfinite(one[0]) else 'Θ'} = "
+                    f"{one[0] if not np.isfinite(one[0]) else ntk[0]} from finite values; "
+                    "lower the input scale, w_std or b_std (and please report it if they "
+                    "are moderate)")
+        raise FloatingPointError(f"the kernel is not finite between inputs {i} and {j}; "
+                                 "lower the input scale, w_std or b_std")
 
     def tile(self, r0, r1, c0, c1):
         """The Gram matrices on rows r0:r1 and columns c0:c1.
@@ -451,11 +586,8 @@ def kernel_diag(spec, x, get=KINDS):
     """The diagonals K(x, x) and Θ(x, x) only, in O(n·d) time."""
     kinds = _check_get(get)
     x = check_inputs(x, "x", spatial=True)
-    if x.ndim == 2:
-        _, nngp, ntk = Program(spec, x.shape[1]).diagonals(x)
-    else:
-        plan = GramPlan(spec, x, None, KINDS, np.dtype(np.float64))
-        nngp, ntk = plan.nngp_diag, plan.ntk_diag
+    plan = GramPlan(spec, x, None, KINDS, np.dtype(np.float64))
+    nngp, ntk = plan.nngp_diag, plan.ntk_diag
     out = {"nngp": nngp, "ntk": ntk}
     return {kind: out[kind] for kind in kinds}
 

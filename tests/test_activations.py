@@ -220,7 +220,15 @@ def test_deep_kernels_finite_and_diagonal_exact(tid, name, params, wb):
     for bias in (b, 0.0):
         for depth in (2, 3, 4, 5):
             spec = _spec([("dense", w, bias), _act(name, params)] * depth + [("dense", w, bias)])
-            cross = lk.kernel(spec, x, x.copy())
+            try:
+                cross = lk.kernel(spec, x, x.copy())
+            except FloatingPointError as err:
+                # Refused, rightly: some input's variance leaves float64's precise
+                # range (the mpmath recursion says how far it falls).
+                assert "underflow" in str(err), err
+                tiny = min(kernel_mp(spec, x[k], x[k], dps=30)[0][0] for k in range(3))
+                assert tiny < 1e-250, (tid, depth, bias, tiny)
+                continue
             sym = lk.kernel(spec, x)
             diag = lk.kernel_diag(spec, x)
             for key in ("nngp", "ntk"):

@@ -527,8 +527,8 @@ _LOG_TINY = -54.0 * math.log(2.0)
 
 
 @jit
-def hermite_row(q12, one_minus_rho, ntk, n11, n22, a_row, b_cols, ad_row, bd_cols, terms, rho,
-                acc, want_ntk):
+def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_row, bd_cols,
+                terms, rho, acc, want_ntk):
     """Numerical activation by its Mehler (Hermite) expansion in ρ.
 
     E[φ(u)φ(v)] = Σ_{k<T} a_k(q11) b_k(q22) ρ^k and likewise for φ', with the
@@ -545,7 +545,8 @@ def hermite_row(q12, one_minus_rho, ntk, n11, n22, a_row, b_cols, ad_row, bd_col
       (odd) φ, stored with exact zeros — runs in ρ² over the other half.
 
     ``one_minus_rho`` is read, then recomputed from the new ``q12`` and the roots
-    ``n11``, ``n22`` of the diagonals leaving the layer. ``rho`` and ``acc`` are
+    of the diagonals entering (``r11``, ``r22``) and leaving (``n11``, ``n22``)
+    the layer. ``rho`` and ``acc`` are
     scratch rows of length n.
     """
     n = q12.shape[0]
@@ -581,7 +582,7 @@ def hermite_row(q12, one_minus_rho, ntk, n11, n22, a_row, b_cols, ad_row, bd_col
             t = ntk[j0:j1]
             for jj in range(width):
                 t[jj] *= d[jj]
-    generic_one_minus_rho(q12, one_minus_rho, n11, n22)
+    generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
 
 
 @jit

@@ -1,0 +1,117 @@
+"""No silent wrong numbers: the corner cases a fuzzing pass found, each pinned.
+
+References are the mpmath recursion of :mod:`reference` (independent of the
+package's closed forms) or values the maths fixes exactly (identical inputs give
+the diagonal; a layer that is invariant to the input scale gives the same
+kernel at every scale).
+"""
+
+import numpy as np
+import pytest
+from reference import kernel_mp
+
+import limitkernel as lk
+
+
+def _close_to_mp(spec, x, rtol=1e-13):
+    got = lk.kernel(spec, x)
+    for i in range(len(x)):
+        for j in range(len(x)):
+            (k11, k12, k22), (t11, t12, t22) = kernel_mp(spec, x[i], x[j])
+            assert abs(got["nngp"][i, j] - k12) <= rtol * np.sqrt(k11 * k22), (i, j)
+            assert abs(got["ntk"][i, j] - t12) <= rtol * np.sqrt(t11 * t22), (i, j)
+
+
+@pytest.mark.parametrize("act", ["sin", "cos", "rbf"])
+def test_trig_layers_on_large_inputs_are_finite_and_right(act):
+    """e1·expm1(...) was 0·inf: NaN off the diagonal for inputs 345 and 330."""
+    _close_to_mp(f"dense, {act}, dense, relu, dense", np.array([[345.0], [330.0]]))
+    out = lk.kernel(f"dense, {act}, dense, relu, dense",
+                    np.random.default_rng(0).standard_normal((200, 5)) * 30)
+    assert np.all(np.isfinite(out["nngp"])) and np.all(np.isfinite(out["ntk"]))
+
+
+@pytest.mark.parametrize("spec", [
+    "dense, softsign, dense, step, dense, step, dense",
+    "dense, elu, dense, relu, dense",
+    "dense, elu, dense, step, dense, relu, dense",
+    "dense, tanh, dense, relu, dense",
+    "dense(b_std=0.5), erf, dense, relu, dense",
+    "dense, layernorm, erf, dense, sign, dense, relu, dense",
+    "dense(b_std=0.2), gelu, dense, gaussian(b=-0.3), dense, relu, dense",
+    "dense, 3 * [residual[relu, dense(b_std=0.1)]], tanh, dense",
+])
+def test_identical_inputs_give_exactly_the_diagonal(spec):
+    """Before: 0.4872 where every entry is 0.5 (softsign → step), NTK errors up to
+    5e-3: 1 − ρ was recomputed with rounding after smooth and series layers."""
+    x = np.random.default_rng(0).standard_normal((3, 8))
+    x[1] = x[0]
+    out = lk.kernel(spec, x)
+    # The same inputs on both sides (a Hermite series is cut after the same number
+    # of terms for every input of one call, chosen from all of them).
+    cross = lk.kernel(spec, x, x.copy())
+    for kind in ("nngp", "ntk"):
+        assert out[kind][0, 1] == out[kind][0, 0] == out[kind][1, 1]
+        assert cross[kind][0, 1] == cross[kind][1, 0] == out[kind][0, 0]
+        assert lk.kernel_diag(spec, x)[kind][0] == out[kind][0, 0]
+
+
+def test_huge_inputs_of_erf_and_gelu_do_not_overflow():
+    """Δ = (1 + 2b²q11)(1 + 2b²q22) − 4b⁴q12² overflowed at inputs of 1e78: K = Θ = 0.
+    The kernel of these networks depends on the inputs only through their
+    correlation at such scales, so 1e76 and 1e78 must agree to rounding (all of K,
+    and Θ between the two inputs; Θ(x, x) grows like |x|, through the first
+    layer's share)."""
+    x = np.array([[1.0, 0.0], [0.6, 0.8]])
+    for spec in ("dense, erf, dense", "dense(b_std=0.1), erf(b=0.5), dense, relu, dense"):
+        big, ref = lk.kernel(spec, x * 1e78), lk.kernel(spec, x * 1e76)
+        np.testing.assert_allclose(big["nngp"], ref["nngp"], rtol=1e-13)
+        np.testing.assert_allclose(big["ntk"][0, 1], ref["ntk"][0, 1], rtol=1e-13)
+    np.testing.assert_allclose(lk.kernel("dense, erf, dense", x * 1e78)["nngp"][0, 1],
+                               0.4096655293982689, rtol=1e-13)  # (2/π) asin(0.6)
+    gelu = "dense, gelu, dense, relu, dense"
+    for kind in ("nngp", "ntk"):
+        a = lk.kernel(gelu, x * 1e78)[kind] / 1e156
+        b = lk.kernel(gelu, x * 1e76)[kind] / 1e152
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_gaussian_on_large_inputs_with_mixed_signs():
+    """Entries were off by 6–37 % and the kernel was not positive semi-definite."""
+    x = np.random.default_rng(0).standard_normal((4, 1)) * 1e7
+    _close_to_mp("dense, gaussian(a=1, b=-1), dense", x)
+
+
+def test_scale_invariant_layernorm_refuses_underflowing_inputs():
+    """layernorm(eps=0) on x·1e-165 gave an all-zero kernel (x·x/d underflows)."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    spec = "dense, layernorm(eps=0), relu, dense"
+    with pytest.raises(FloatingPointError, match="too small"):
+        lk.kernel(spec, x * 1e-165)
+    ref = lk.kernel(spec, x)["nngp"]
+    np.testing.assert_allclose(lk.kernel(spec, x * 1e-120)["nngp"], ref, rtol=1e-13)
+
+
+def test_tiny_weights_are_refused_not_rounded_away():
+    """dense(w_std=1.1e-101) gave a non-PSD kernel that differed between kernel(x)
+    and kernel(x, x) by 2.3 %: the variances left float64's precise range."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    with pytest.raises(FloatingPointError, match="underflow at layer"):
+        lk.kernel("dense(w_std=1.1e-101), relu, dense(w_std=1.1e-101), relu, "
+                  "dense(w_std=1.1e-101)", x)
+
+
+def test_complex_and_masked_inputs_are_refused():
+    x = np.ones((3, 2))
+    with pytest.raises(ValueError, match="complex"):
+        lk.kernel("dense, relu, dense", x + 1j)
+    with pytest.raises(ValueError, match="masked"):
+        lk.kernel("dense, relu, dense", np.ma.masked_array(x, mask=[[1, 0]] * 3))
+
+
+def test_a_kernel_that_is_not_finite_names_the_layer():
+    """exp(b=30) on inputs of size 30 overflows in the pass, not on the diagonal's
+    scale alone: the error names the layer instead of returning inf."""
+    x = np.array([[1.0, 0.0], [0.0, 1.0]]) * 30
+    with pytest.raises(FloatingPointError, match=r"layer 2 \(exp"):
+        lk.kernel("dense, exp(b=3), dense", x)
