@@ -199,7 +199,7 @@ class KernelReport:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"expected a square kernel matrix, got shape {matrix.shape}")
         if x is not None:
-            x = check_inputs(x, "x")
+            x = check_inputs(x, "x", spatial=True)
             if x.shape[0] != matrix.shape[0]:
                 raise ValueError(f"x has {x.shape[0]} inputs but the kernel matrix is "
                                  f"{matrix.shape[0]} x {matrix.shape[0]}")
@@ -345,7 +345,7 @@ def check_kernel(spec, x, get=KINDS, diag_reg=0.0, diag_reg_absolute=False):
     """
     kinds = _check_get(get)
     spec = as_spec(spec)
-    x = check_inputs(x, "x")
+    x = check_inputs(x, "x", spatial=True)
     mats = kernel(spec, x, get=kinds)
     duplicates = _Duplicates.of(x, None, not _has_dropout(spec))
     return {kind: _matrix_report(kind, mats[kind], diag_reg, diag_reg_absolute, x,
@@ -382,7 +382,7 @@ class _Duplicates(NamedTuple):
     @classmethod
     def of(cls, x, y=None, singular=True):
         pairs = (np.empty((0, 2), dtype=np.int64) if x is None
-                 else _identical_rows(np.asarray(x, dtype=np.float64)))
+                 else _identical_rows(np.asarray(x, dtype=np.float64).reshape(len(x), -1)))
         conflicts = pairs[:0]
         if y is not None and pairs.size:
             y = np.asarray(y)
@@ -658,7 +658,7 @@ class GradientFlowEnsemble:
     def __init__(self, spec, x_train, y_train, learning_rate=1.0, diag_reg=0.0,
                  diag_reg_absolute=False):
         self.spec = as_spec(spec)
-        self.x_train = check_inputs(x_train, "x_train")
+        self.x_train = check_inputs(x_train, "x_train", spatial=True)
         self.y_train = _check_targets(y_train, self.x_train.shape[0])
         self.learning_rate = _check_positive(learning_rate, "learning_rate")
         self.diag_reg = _check_diag_reg(diag_reg)
@@ -768,10 +768,13 @@ class GradientFlowEnsemble:
         kinds = _check_get(get)
         times, scalar = _check_times(t)
         cov = _check_cov(cov)
-        x_test = check_inputs(x_test, "x_test")
-        if x_test.shape[1] != self.x_train.shape[1]:
-            raise ValueError(f"x_test has {x_test.shape[1]} features but x_train has "
-                             f"{self.x_train.shape[1]}")
+        x_test = check_inputs(x_test, "x_test", spatial=True)
+        if x_test.shape[1:] != self.x_train.shape[1:]:
+            if x_test.ndim == 2 == self.x_train.ndim:
+                raise ValueError(f"x_test has {x_test.shape[1]} features but x_train has "
+                                 f"{self.x_train.shape[1]}")
+            raise ValueError(f"x_test has shape {x_test.shape[1:]} per input but x_train "
+                             f"has {self.x_train.shape[1:]}")
         need = set(kinds) | ({"nngp"} if cov is not None else set())
         self._compute_train(need)
         need = tuple(k for k in KINDS if k in need)
@@ -1093,7 +1096,7 @@ def cross_entropy_flow(spec, x_train, y_train, x_test=None, t=(0.0, 1.0, 10.0, 1
     if np.any(np.isinf(times)):
         raise ValueError("cross-entropy training does not converge to finite outputs on "
                          "separable data; give finite times")
-    x_train = check_inputs(x_train, "x_train")
+    x_train = check_inputs(x_train, "x_train", spatial=True)
     targets, classes = _class_targets(y_train)
     if targets.shape[0] != x_train.shape[0]:
         raise ValueError(f"y_train has {targets.shape[0]} rows but x_train has "
@@ -1109,7 +1112,7 @@ def cross_entropy_flow(spec, x_train, y_train, x_test=None, t=(0.0, 1.0, 10.0, 1
     rate = -learning_rate * np.einsum("tik,ij,tjk->t", grads, theta, grads)
     logits_test = proba_test = None
     if x_test is not None:
-        x_test = check_inputs(x_test, "x_test")
+        x_test = check_inputs(x_test, "x_test", spatial=True)
         cross = kernel(spec, x_test, x_train, get=kind)[kind]
         logits_test = -scale * np.einsum("ij,tjk->tik", cross, h)
         proba_test = _softmax(logits_test)
@@ -1136,7 +1139,12 @@ _ESTIMATOR_PARAMS = """arch : str or Serial, default=DEFAULT_ARCH
     t : float, default=inf
         Training time of the network; ``inf`` trains to convergence. Time enters
         as s = η t / (N c) (loss ½·mean over the N·c training targets), so only
-        ``learning_rate * t`` matters."""
+        ``learning_rate * t`` matters.
+    input_shape : tuple of int, default=None
+        For a network on images or sequences: the shape of one input, (H, W, C)
+        or (L, C), channels last. ``X`` keeps scikit-learn's (N, features)
+        form, each row the input flattened in C order (``images.reshape(N,
+        -1)``)."""
 
 
 class _KernelRegression:
@@ -1145,13 +1153,14 @@ class _KernelRegression:
     _mode = "ntk"
 
     def __init__(self, arch=DEFAULT_ARCH, t=np.inf, learning_rate=1.0, diag_reg=1e-6,
-                 diag_reg_absolute=False, normalize_y=False):
+                 diag_reg_absolute=False, normalize_y=False, input_shape=None):
         self.arch = arch
         self.t = t
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
         self.diag_reg_absolute = diag_reg_absolute
         self.normalize_y = normalize_y
+        self.input_shape = input_shape
 
     def fit(self, X, y):
         """Compute and factorise the training kernel.
@@ -1391,7 +1400,7 @@ class _NTKClassifier:
     """
 
     def __init__(self, arch=DEFAULT_ARCH, t=np.inf, learning_rate=1.0, diag_reg=1e-6,
-                 diag_reg_absolute=False, loss="mse", mode="ntk"):
+                 diag_reg_absolute=False, loss="mse", mode="ntk", input_shape=None):
         self.arch = arch
         self.t = t
         self.learning_rate = learning_rate
@@ -1399,6 +1408,7 @@ class _NTKClassifier:
         self.diag_reg_absolute = diag_reg_absolute
         self.loss = loss
         self.mode = mode
+        self.input_shape = input_shape
 
     def fit(self, X, y):
         """Fit on inputs X (N, d) and class labels y (N,)."""
@@ -1467,6 +1477,32 @@ class _NTKClassifier:
 
 
 def _validate(estimator, X, y=None, reset=True, **kwargs):
+    """scikit-learn's input validation (or a minimal equivalent), then the
+    estimator's ``input_shape`` applied to the rows."""
+    out = _validate_2d(estimator, X, y, reset, **kwargs)
+    if isinstance(out, tuple):
+        return _shaped(estimator, out[0]), out[1]
+    return _shaped(estimator, out)
+
+
+def _shaped(estimator, X):
+    shape = getattr(estimator, "input_shape", None)
+    if shape is None:
+        return X
+    try:
+        shape = tuple(int(v) for v in np.atleast_1d(shape))
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be a tuple of ints such as (8, 8, 1), got "
+                         f"{shape!r}") from None
+    size = int(np.prod(shape))
+    if len(shape) not in (2, 3) or min(shape) < 1 or size != X.shape[1]:
+        raise ValueError(f"input_shape {shape} must be (H, W, C) or (L, C) with as many "
+                         f"values per input as X has features ({X.shape[1]}); X holds "
+                         "each input flattened in C order")
+    return np.ascontiguousarray(X).reshape((X.shape[0],) + shape)
+
+
+def _validate_2d(estimator, X, y=None, reset=True, **kwargs):
     """scikit-learn's input validation when available, else a minimal equivalent."""
     if getattr(estimator, "_uses_sklearn", False):
         try:

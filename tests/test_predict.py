@@ -708,3 +708,44 @@ def test_invalid_shapes():
         lk.predict_ensemble(RELU2, x, y, xs[:, :3])
     with pytest.raises(ValueError, match="NaN"):
         lk.predict_ensemble(RELU2, x, np.where(y > 1, np.nan, y), xs)
+
+
+# ------------------------------------------------------------ images
+
+
+CNN = "conv(b_std=0.1), relu, avg_pool, conv, relu, global_avg_pool, dense(b_std=0.1)"
+
+
+def test_predictions_on_images_are_kernel_regression():
+    """The t = ∞ mean on images is Θ(x*, X) Θ⁻¹ y, from the same kernel matrices
+    (scipy's solve, independent of the prediction code's factorisations)."""
+    rng = np.random.default_rng(0)
+    x, xs = rng.standard_normal((12, 4, 4, 1)), rng.standard_normal((5, 4, 4, 1))
+    y = rng.standard_normal(12)
+    pred = lk.predict_ensemble(CNN, x, y, xs, t=np.inf, get="ntk")["ntk"]
+    theta = lk.kernel(CNN, x, get="ntk")["ntk"]
+    cross = lk.kernel(CNN, xs, x, get="ntk")["ntk"]
+    np.testing.assert_allclose(pred.mean, cross @ np.linalg.solve(theta, y), rtol=1e-9)
+
+
+def test_estimators_take_flattened_images_with_input_shape():
+    rng = np.random.default_rng(1)
+    x, xs = rng.standard_normal((12, 4, 4, 1)), rng.standard_normal((5, 4, 4, 1))
+    y = rng.standard_normal(12)
+    reg = lk.NTKRegressor(arch=CNN, input_shape=(4, 4, 1), diag_reg=0.0)
+    got = reg.fit(x.reshape(12, -1), y).predict(xs.reshape(5, -1))
+    ref = lk.predict_ensemble(CNN, x, y, xs, get="ntk")["ntk"].mean
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="input_shape"):
+        lk.NTKRegressor(arch=CNN, input_shape=(4, 5, 1)).fit(x.reshape(12, -1), y)
+    labels = (y > 0).astype(int)
+    clf = lk.NTKClassifier(arch=CNN, input_shape=(4, 4, 1)).fit(x.reshape(12, -1), labels)
+    assert clf.predict(xs.reshape(5, -1)).shape == (5,)
+
+
+def test_duplicate_images_are_reported():
+    x = np.random.default_rng(2).standard_normal((6, 4, 4, 1))
+    x[4] = x[1]
+    report = lk.check_kernel(CNN, x, get="ntk")["ntk"]
+    assert not report.positive_definite
+    assert [1, 4] in np.asarray(report.duplicates).tolist()
