@@ -299,10 +299,11 @@ def load_training(path, y_columns=1):
     A .csv (or .npy) table holds the inputs followed by the targets: its last
     ``y_columns`` columns are y, the others x.
     """
-    if path.lower().endswith(".npz") and os.path.exists(path):
+    if path.lower().endswith(".npz") and zipfile.is_zipfile(path):
         with np.load(path) as data:
-            if "x" not in data or "y" not in data:
-                raise CLIError(f"{path} must hold arrays x and y, but it holds {data.files}")
+            files = data.files
+        if "x" not in files or "y" not in files:
+            raise CLIError(f"{path} must hold arrays x and y, but it holds {files}")
         return load_array(path, "x"), load_array(path, "y")
     table = np.asarray(load_array(path), dtype=np.float64)
     if table.ndim != 2 or table.shape[1] <= y_columns:

@@ -657,7 +657,14 @@ def parse(text):
         return from_json(stripped)
     if not stripped:
         raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
-    return Serial(_Parser(text).spec())
+    return _not_empty(Serial(_Parser(text).spec()), " (a repeat count of 0 leaves none)")
+
+
+def _not_empty(spec, why=""):
+    if not len(spec):
+        raise SpecError(f"the spec has no layers{why}; give layers such as "
+                        "'dense, relu, dense'")
+    return spec
 
 
 # ---------------------------------------------------------------- JSON form
@@ -719,4 +726,4 @@ def from_json(text):
     except RecursionError:
         raise SpecError(f"JSON spec nests too deeply (blocks may nest at most {MAX_NESTING} "
                         "deep)") from None
-    return from_dict(data)
+    return _not_empty(from_dict(data))

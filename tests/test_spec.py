@@ -286,3 +286,11 @@ def test_str_does_o_n_work_per_group_length(monkeypatch):
 ])
 def test_str_folds_repeats_readably(text, expected):
     assert str(parse(text)) == expected
+
+
+def test_a_spec_that_expands_to_no_layers_is_refused():
+    # It printed as "" (no text parses back to it), and no network has no layers.
+    for text in ("0 * [dense]", "0 * [0 * [relu]]", '{"layers": []}'):
+        with pytest.raises(SpecError, match="no layers"):
+            parse(text)
+    assert parse("0 * [relu], dense") == parse("dense")
