@@ -166,7 +166,7 @@ def _check_message(err):
     assert str(err).strip(), type(err)
 
 
-@sized(100)
+@sized(80)
 @given(SPEC_TEXT)
 def test_any_text_parses_or_raises_a_spec_error(text):
     try:
@@ -234,7 +234,7 @@ JSON_SPECS = st.one_of(
 )
 
 
-@sized(150)
+@sized(120)
 @given(JSON_SPECS)
 def test_any_json_parses_or_raises_a_spec_error(data):
     text = json.dumps(data)
@@ -262,7 +262,7 @@ PY_VALUES = st.one_of(
 )
 
 
-@sized(150)
+@sized(120)
 @given(st.sampled_from(NAMES), st.dictionaries(st.sampled_from(KEYS + ["x"]), PY_VALUES,
                                                max_size=3))
 def test_any_python_parameters_build_or_raise_a_spec_error(name, params):
@@ -295,7 +295,7 @@ X = np.random.default_rng(0).standard_normal((5, 3))
 KERNEL_ERRORS = (SpecError, ValueError, FloatingPointError, lk.MemoryBudgetError)
 
 
-@sized(60)
+@sized(50)
 @given(st.one_of(_network_text(), _spec_text()))
 def test_any_spec_that_parses_gives_a_finite_kernel_or_a_clear_error(text):
     try:
@@ -456,7 +456,7 @@ def _run_cli(argv):
 SMALL_COMPARE = ["--widths", "4,8", "--seeds", "1", "--steps", "2"]
 
 
-@sized(50)
+@sized(40)
 @given(_cli_argv())
 def test_any_command_line_exits_0_or_2_with_one_line_errors(files, monkeypatch, argv):
     monkeypatch.chdir(files)  # outputs named by garbage values land here
