@@ -143,8 +143,9 @@ def _prepare_cache():
         folders = [_numba_cache_dir(path) for path in _KERNEL_FILES]
         warnings.warn(
             f"limitkernel cannot write its compiled-kernel cache in the package folder or "
-            f"$HOME/.cache; it (and numba's) goes to {fallback}. Set NUMBA_CACHE_DIR to "
-            "a writable folder to choose another.", KernelCacheWarning, stacklevel=3)
+            f"$HOME/.cache; compiled kernels (and, in this process, numba's cache for any "
+            f"other code) go to {fallback}. Set NUMBA_CACHE_DIR to a writable folder to "
+            "choose another.", KernelCacheWarning, stacklevel=3)
         if None in folders:
             return False
     try:
