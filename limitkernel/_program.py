@@ -240,6 +240,17 @@ def why_not_gaussian(state):
     }.get(state, "its input is not Gaussian")
 
 
+def _overflow_message(index, op, q):
+    if np.all(np.isfinite(q)):
+        what = (f"the NTK Θ(x, x) overflows while the variances stay at most "
+                f"{float(np.max(q)):.3g} (each activation multiplies Θ by E[φ'(u)²], each "
+                "dense layer by w_std²)")
+    else:
+        what = "the variances K(x, x) overflow"
+    return (f"the kernel overflows at layer {index + 1} ({op}): {what}; lower the "
+            "parameters of this layer or of the layers before it, or the input scale")
+
+
 class Diagonal:
     """The state of every input with itself, as :meth:`Program.diagonals` walks.
 
@@ -359,12 +370,11 @@ class Program:
         roots = np.empty((len(self.ops) + 1, x.shape[0]))
         roots[0] = np.sqrt(state.q)
         for index, op in enumerate(self.ops):
-            op.kind.diag_update(op, state)
+            # An overflow is reported below, with its layer and its cause.
+            with np.errstate(over="ignore", invalid="ignore"):
+                op.kind.diag_update(op, state)
             if not np.all(np.isfinite(state.q)) or not np.all(np.isfinite(state.theta)):
-                raise FloatingPointError(
-                    f"the kernel overflows at layer {index + 1} ({op}): variances reach "
-                    f"{float(np.max(state.q)):.3g}; lower w_std, b_std or the input scale"
-                )
+                raise FloatingPointError(_overflow_message(index, op, state.q))
             roots[index + 1] = np.sqrt(state.q)
         q = state.q
         with np.errstate(all="ignore"):

@@ -1,13 +1,18 @@
 """Command line: ``limitkernel kernel | activations | demo | compare | predict | check``.
 
-Errors print one line on stderr and exit with status 2; outputs are written to a
-temporary file and renamed into place, so a failed run leaves nothing behind.
+Errors print one line on stderr and exit with status 2 (``--debug``, or the
+environment variable ``LIMITKERNEL_DEBUG=1``, shows the traceback instead);
+warnings print one line each. Outputs are written to a temporary file and
+renamed into place, so a failed run leaves nothing behind.
 """
 
 import argparse
+import math
 import os
 import sys
 import time
+import warnings
+import zipfile
 
 import numpy as np
 
@@ -22,38 +27,84 @@ class CLIError(Exception):
     """An error to report on one line, without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def load_spec(text):
     """The text form, a JSON string, or a path to a file holding either."""
     if os.path.isfile(text):
-        with open(text) as fh:
-            text = fh.read()
-    return parse(text)
+        try:
+            with open(text, encoding="utf-8") as fh:
+                content = fh.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CLIError(f"--arch: cannot read the spec file {text}: {err}") from None
+        try:
+            return parse(content)
+        except SpecError as err:
+            raise SpecError(f"{text}: {err}") from None
+    try:
+        return parse(text)
+    except SpecError as err:
+        if text.strip().lower().endswith((".json", ".txt", ".spec")) or os.sep in text:
+            raise SpecError(f"--arch {text!r} is neither a file nor a spec ({err})") from None
+        raise
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _head(path, size=6):
+    with open(path, "rb") as fh:
+        return fh.read(size)
 
 
 def load_array(path, key="x"):
     """Load a 2D array from .npy, .npz (array ``key``) or .csv."""
     if not os.path.exists(path):
         raise CLIError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise CLIError(f"input {path} is a directory, not a file of arrays")
     lower = path.lower()
     try:
         if lower.endswith(".npz"):
+            if not zipfile.is_zipfile(path):
+                raise CLIError(f"{path} is not a .npz file (not a zip archive of arrays); "
+                               "write it with numpy.savez, or save a table as .csv")
             with np.load(path) as data:
                 if key in data:
-                    return data[key]
+                    return _numeric(data[key], path)
                 if len(data.files) == 1:
-                    return data[data.files[0]]
+                    return _numeric(data[data.files[0]], path)
                 raise CLIError(f"{path} holds arrays {data.files} but none named {key!r}")
         if lower.endswith(".npy"):
-            return np.load(path)
+            if _head(path) != _NPY_MAGIC:
+                raise CLIError(f"{path} is not a .npy file (it does not start with the .npy "
+                               "header); write it with numpy.save, or name a comma-separated "
+                               "table .csv")
+            return _numeric(np.load(path), path)
         if lower.endswith((".csv", ".txt")):
             return _load_csv(path)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        if "pickled" in str(err) or "Object arrays" in str(err):
+            raise CLIError(f"cannot read {path}: it holds Python objects, not numbers; save "
+                           "a numeric array with numpy.save") from None
         raise CLIError(f"cannot read {path}: {err}") from None
     raise CLIError(f"unknown input format for {path}: use .npy, .npz or .csv")
 
 
+def _numeric(array, path):
+    if array.dtype.kind not in "biuf":
+        raise CLIError(f"{path} holds an array of {array.dtype}, not real numbers; save a "
+                       "numeric array")
+    return array
+
+
 def _load_csv(path):
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         first = fh.readline()
     try:
         [float(v) for v in first.strip().split(",") if v.strip()]
@@ -71,6 +122,15 @@ def save_npz(path, arrays):
         raise CLIError(f"output directory does not exist: {directory}")
     with atomic_path(path, ".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
+
+
+def _announce_compilation():
+    """Say so on stderr when the kernels are about to compile (a cold cache)."""
+    from ._numba import CACHE, cold_kernels
+
+    if cold_kernels():
+        where = "first use only" if CACHE else "every run: the kernel cache is not writable"
+        print(f"limitkernel: compiling kernels ({where})…", file=sys.stderr, flush=True)
 
 
 def _cmd_kernel(args):
@@ -97,6 +157,7 @@ def _cmd_kernel(args):
         raise CLIError("--memory and --scheduler write an on-disk store: give a directory "
                        f"for --out, not {args.out}")
     start = time.perf_counter()
+    _announce_compilation()
     out = kernel(spec, x1, x2, get=get, dtype=args.dtype, progress=args.progress)
     elapsed = time.perf_counter() - start
     save_npz(args.out, out)
@@ -108,6 +169,7 @@ def _kernel_to_store(args, spec, x1, x2, get):
     from .distributed import kernel_to_store, status
 
     start = time.perf_counter()
+    _announce_compilation()
     kernel_to_store(spec, x1, x2, path=args.out, get=get, dtype=args.dtype,
                     memory=args.memory, scheduler=args.scheduler,
                     progress=True if args.progress else None)
@@ -141,6 +203,7 @@ def _cmd_demo(args):
         raise CLIError(f"output directory does not exist: {os.path.dirname(args.out)}")
     if args.points is not None and args.points < 2:
         raise CLIError(f"--points must be at least 2, got {args.points}")
+    _announce_compilation()
     result = run_demo(args.out_dir, "quick" if args.quick else args.scale, spec,
                       points=args.points)
     if args.out:
@@ -178,6 +241,7 @@ def _cmd_compare(args):
         raise CLIError(f"--y-columns must be at least 1, got {args.y_columns}")
     x, y = load_training(args.data, args.y_columns)
     x_test = load_array(args.test, "x") if args.test else None
+    _announce_compilation()
     run_compare(spec, x, y, x_test, widths, args.seeds, args.steps, args.lr, args.out_dir,
                 diag_reg=args.diag_reg, torch_model=model)
 
@@ -235,10 +299,11 @@ def load_training(path, y_columns=1):
     A .csv (or .npy) table holds the inputs followed by the targets: its last
     ``y_columns`` columns are y, the others x.
     """
-    if path.lower().endswith(".npz") and os.path.exists(path):
+    if path.lower().endswith(".npz") and zipfile.is_zipfile(path):
         with np.load(path) as data:
-            if "x" not in data or "y" not in data:
-                raise CLIError(f"{path} must hold arrays x and y, but it holds {data.files}")
+            files = data.files
+        if "x" not in files or "y" not in files:
+            raise CLIError(f"{path} must hold arrays x and y, but it holds {files}")
         return load_array(path, "x"), load_array(path, "y")
     table = np.asarray(load_array(path), dtype=np.float64)
     if table.ndim != 2 or table.shape[1] <= y_columns:
@@ -265,6 +330,7 @@ def _cmd_predict(args):
         return
     cov = None if args.mean_only else "var" if args.var_only else "full"
     start = time.perf_counter()
+    _announce_compilation()
     ensemble = GradientFlowEnsemble(spec, x_train, y_train, learning_rate=args.lr,
                                     diag_reg=args.diag_reg,
                                     diag_reg_absolute=args.diag_reg_absolute)
@@ -296,6 +362,7 @@ def _predict_cg(args, spec, x_train, y_train, x_test, times, modes):
         raise CLIError("--store holds one training kernel: give --mode ntk or --mode nngp")
     start = time.perf_counter()
     arrays = {"times": np.array([np.inf])}
+    _announce_compilation()
     for mode in modes:
         sol = solve_cg(spec, x_train, y_train, x_test, kind=mode, diag_reg=args.diag_reg,
                        diag_reg_absolute=args.diag_reg_absolute, tol=args.cg_tol,
@@ -320,6 +387,7 @@ def _cmd_check(args):
     spec = load_spec(args.arch)
     x = load_array(args.x, "x")
     modes = _parse_modes(args.mode)
+    _announce_compilation()
     reports = check_kernel(spec, x, get=modes, diag_reg=args.diag_reg,
                            diag_reg_absolute=args.diag_reg_absolute)
     print("\n\n".join(str(reports[m]) for m in modes))
@@ -327,11 +395,35 @@ def _cmd_check(args):
         sys.exit(1)
 
 
+def _finite(text):
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _memory(text):
+    """An argparse type: a memory budget such as 4GB, in bytes."""
+    from .distributed import parse_memory
+
+    try:
+        return parse_memory(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected a finite size such as 4GB or 512MiB, "
+                                         f"got {text!r}") from None
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="limitkernel",
         description="Exact infinite-width NNGP and NTK kernels of fully-connected networks.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (or set LIMITKERNEL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("kernel", help="Gram matrices of a spec on inputs")
@@ -346,7 +438,7 @@ def build_parser():
                    help="output .npz with arrays nngp and ntk, or a directory: an on-disk "
                         "store written tile by tile (rerun to resume after a crash)")
     p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
-    p.add_argument("--memory",
+    p.add_argument("--memory", type=_memory,
                    help="memory budget of a store run, e.g. 4GB (sets the tile size; "
                         "default: the smaller of 4 GiB and half the available memory)")
     p.add_argument("--scheduler",
@@ -389,8 +481,8 @@ def build_parser():
     p.add_argument("--seeds", type=int, default=5, help="networks per width (default 5)")
     p.add_argument("--steps", type=int, default=1000,
                    help="gradient-descent steps (time t = steps; default 1000)")
-    p.add_argument("--lr", type=float, default=1.0, help="learning rate η (default 1)")
-    p.add_argument("--diag-reg", type=float, default=0.0,
+    p.add_argument("--lr", type=_finite, default=1.0, help="learning rate η (default 1)")
+    p.add_argument("--diag-reg", type=_finite, default=0.0,
                    help="relative diagonal regulariser of the limiting NTK (default 0)")
     p.add_argument("--out-dir", default="limitkernel-compare",
                    help="directory for summary.json and the figures "
@@ -415,8 +507,8 @@ def build_parser():
     p.add_argument("--time", action="append",
                    help="training time(s): a number, inf, or a comma-separated list; "
                         "repeatable (default inf)")
-    p.add_argument("--lr", type=float, default=1.0, help="learning rate η (default 1)")
-    p.add_argument("--diag-reg", type=float, default=0.0,
+    p.add_argument("--lr", type=_finite, default=1.0, help="learning rate η (default 1)")
+    p.add_argument("--diag-reg", type=_finite, default=0.0,
                    help="diagonal regulariser, relative to the mean diagonal (default 0)")
     p.add_argument("--diag-reg-absolute", action="store_true",
                    help="take --diag-reg in absolute units")
@@ -433,7 +525,7 @@ def build_parser():
                    help="dense: factorise the training kernel (default); cg: conjugate "
                         "gradients over kernel tiles, for more training points than fit in "
                         "memory (t = inf means only)")
-    p.add_argument("--cg-tol", type=float, default=1e-8,
+    p.add_argument("--cg-tol", type=_finite, default=1e-8,
                    help="CG: relative residual to reach (default 1e-8)")
     p.add_argument("--cg-maxiter", type=int, help="CG: iteration limit (default 10 * rank + 100)")
     p.add_argument("--cg-rank", type=int, default=200,
@@ -441,32 +533,63 @@ def build_parser():
     p.add_argument("--store", metavar="DIR",
                    help="CG: read the training kernel from this store (limitkernel kernel "
                         "--x TRAIN_X --get MODE --out DIR) instead of recomputing tiles")
-    p.add_argument("--memory", help="CG: memory budget for tiles, e.g. 4GB")
+    p.add_argument("--memory", type=_memory, help="CG: memory budget for tiles, e.g. 4GB")
     p.set_defaults(run=_cmd_predict)
 
     p = sub.add_parser("check", help="positive definiteness and conditioning of the kernels")
     p.add_argument("--arch", required=True, help="spec text or a file holding it")
     p.add_argument("--x", required=True, help="inputs (n, d): .npy, .npz (array x) or .csv")
     p.add_argument("--mode", default="ntk,nngp", help="kernels to check (default ntk,nngp)")
-    p.add_argument("--diag-reg", type=float, default=0.0,
+    p.add_argument("--diag-reg", type=_finite, default=0.0,
                    help="diagonal regulariser to include, relative to the mean diagonal")
     p.add_argument("--diag-reg-absolute", action="store_true",
                    help="take --diag-reg in absolute units")
     p.set_defaults(run=_cmd_check)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error (or set "
+                                  "LIMITKERNEL_DEBUG=1)")
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    text = " ".join(str(message).split())
+    print(f"limitkernel: warning: {text} ({category.__name__})",
+          file=sys.stderr if file is None else file)
+
+
 def main(argv=None):
+    """Run the command line; returns the exit status (0, or 2 after an error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("LIMITKERNEL_DEBUG", "") not in ("", "0")
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _one_line_warning
+            args.run(args)
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("limitkernel: interrupted", file=sys.stderr)
+        return 130
     except (CLIError, SpecError, ValueError, MemoryError, FloatingPointError,
             OSError, ImportError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
         print(f"limitkernel: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as err:  # no traceback escapes without --debug
+        if debug:
+            raise
+        detail = " ".join(str(err).split())
+        print(f"limitkernel: internal error: {type(err).__name__}"
+              f"{': ' + detail if detail else ''}; this is a bug, please report it with the "
+              "command line that caused it (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -8,6 +8,7 @@ computed and then mirrored.
 """
 
 import math
+import numbers
 import os
 import warnings
 
@@ -83,18 +84,44 @@ def check_inputs(x, name="x", spatial=False):
 
 
 def _check_get(get):
-    kinds = (get,) if isinstance(get, str) else tuple(get)
-    bad = [k for k in kinds if k not in KINDS]
+    """``get`` as a tuple of kernel names, or a clear TypeError/ValueError."""
+    if isinstance(get, str):
+        kinds = (get,)
+    else:
+        try:
+            kinds = tuple(get)
+        except TypeError:
+            raise TypeError(f"get must name 'nngp' and/or 'ntk' (a string or a tuple of "
+                            f"them), got {get!r}") from None
+    bad = [k for k in kinds if not isinstance(k, str) or k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"get must name 'nngp' and/or 'ntk', got {get!r}")
     return kinds
 
 
 def _check_dtype(dtype):
-    dt = np.dtype(dtype)
+    """``dtype`` as numpy float64 or float32, or a clear ValueError."""
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"dtype must be float64 or float32, got {dtype!r}") from None
     if dt not in (np.float64, np.float32):
         raise ValueError(f"dtype must be float64 or float32, got {dt}")
     return dt
+
+
+def _check_memory_limit(memory_limit):
+    """``memory_limit`` as a positive number of bytes (or None), or a clear error."""
+    if memory_limit is None:
+        return None
+    if isinstance(memory_limit, (bool, np.bool_)) or not isinstance(memory_limit,
+                                                                     numbers.Real):
+        raise TypeError(f"memory_limit must be a number of bytes such as 4e9 or 2**32, got "
+                        f"{memory_limit!r}")
+    if not memory_limit > 0:
+        raise ValueError(f"memory_limit must be a positive number of bytes, got "
+                         f"{memory_limit!r}")
+    return memory_limit
 
 
 def available_memory():
@@ -529,7 +556,7 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     dtype : {"float64", "float32"}
         Output dtype. Arithmetic is float64 either way, so float32 output carries
         only its own rounding (relative error ≤ 6e-8).
-    memory_limit : int, optional
+    memory_limit : int or float, optional
         Bytes the outputs may use; defaults to the memory available now.
     progress : bool
         Show a progress bar (needs tqdm).
@@ -550,6 +577,7 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
 
     per activation K ← E[φ(u)φ(v)], Θ ← Θ · E[φ'(u)φ'(v)] (Jacot et al. 2018).
     """
+    memory_limit = _check_memory_limit(memory_limit)
     plan = prepare(spec, x1, x2, get, dtype)
     sym, dt = plan.symmetric, plan.dtype
     n, m = plan.shape
@@ -638,13 +666,15 @@ def _warn_if_degenerate(kind, value, chi=None):
     top = np.max(np.abs(sample))
     if top == 0:
         return
-    slope = "" if chi is None or not np.isfinite(chi) else f", χ = {chi:.3g}"
+    known = chi is not None and np.isfinite(chi)
     if np.ptp(sample) <= 1e-13 * top:
-        why = ("the ordered phase: every layer pulls the inputs' correlations towards "
-               f"1{slope} < 1, so all inputs end at the same point; lower the depth or "
-               "b_std, or raise w_std" if chi is None or chi < 1 else
-               "the inputs look identical to the network, or it is so deep that its "
-               "correlations reach 1; lower the depth")
+        if known and chi < 1:
+            why = ("the ordered phase: every layer pulls the inputs' correlations towards 1 "
+                   f"(χ = {_compared(chi, 1.0)} < 1), so all inputs end at the same point; "
+                   "lower the depth or b_std, or raise w_std")
+        else:
+            why = ("the inputs look identical to the network, or it is so deep that its "
+                   "correlations reach 1; lower the depth")
         warnings.warn(
             f"the {kind} kernel is degenerate: all its entries equal "
             f"{float(sample.flat[0]):.6g} to working precision, so it cannot tell inputs "
@@ -653,7 +683,7 @@ def _warn_if_degenerate(kind, value, chi=None):
         )
         return
     size = min(sample.shape)
-    if chi is None or chi <= 10 or size < 3:
+    if not known or chi <= 10 or size < 3:
         return
     square = sample[:size, :size]
     off = square[~np.eye(size, dtype=bool)]
@@ -662,8 +692,17 @@ def _warn_if_degenerate(kind, value, chi=None):
             f"the {kind} kernel is degenerate: every pair of distinct inputs has the same "
             f"entry {float(off[0]):.6g} to working precision, so it cannot tell inputs "
             f"apart (the chaotic phase: every layer pushes the correlations of nearby "
-            f"inputs apart{slope} > 1, until all pairs share one correlation; lower the "
-            "depth or w_std, or raise b_std)",
+            f"inputs apart (χ = {_compared(chi, 1.0)} > 1), until all pairs share one "
+            "correlation; lower the depth or w_std, or raise b_std)",
             DegenerateKernelWarning, stacklevel=3,
         )
 
+
+def _compared(value, bound):
+    """``value`` with the fewest significant digits (at least 3) that keep it on
+    its side of ``bound``, so that a printed "χ = ... < 1" is true as printed."""
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if (float(text) < bound) == (value < bound) and float(text) != bound:
+            return text
+    return repr(value)

@@ -23,14 +23,29 @@ Blocks hold branches in square brackets, separated by ``;``::
 
 ``residual(alpha, beta)[f]`` is ``α·x + β·f(x)``, ``parallel[f; g]`` the sum
 ``f(x) + g(x)`` and ``concat[f; g]`` the concatenation of the branch outputs.
+
+A word-valued parameter is written bare or quoted, alike::
+
+    dense(parameterization=standard, width=512), relu, dense(parameterization='standard')
+
+A spec holds at most :data:`MAX_LAYERS` layers once its repeats are expanded
+(counting the layers inside blocks) and nests brackets at most
+:data:`MAX_NESTING` deep; numeric parameters are real numbers of magnitude at
+most :data:`MAX_PARAMETER` (the kernels square them).
 """
 
 import difflib
 import json
 import math
+import numbers
 from typing import ClassVar
 
+import numpy as np
+
 __all__ = [
+    "MAX_LAYERS",
+    "MAX_NESTING",
+    "MAX_PARAMETER",
     "PARAMETERIZATIONS",
     "REGISTRY",
     "Block",
@@ -38,6 +53,7 @@ __all__ = [
     "Serial",
     "SpecError",
     "as_spec",
+    "check_number",
     "from_json",
     "layer_from_name",
     "parse",
@@ -47,6 +63,18 @@ __all__ = [
 ]
 
 PARAMETERIZATIONS = ("ntk", "standard")
+
+# Layers a spec may hold once its repeats are expanded, counting those inside
+# blocks: far beyond any network whose kernel is worth computing, and small
+# enough that a mistyped repeat count fails at once instead of filling memory.
+MAX_LAYERS = 100_000
+
+# Brackets (groups and blocks) a spec may nest.
+MAX_NESTING = 50
+
+# Largest magnitude of a numeric parameter. The kernels square parameters
+# (σ_w², α², b²...), and a square overflows float64 above about 1.34e154.
+MAX_PARAMETER = 1e150
 
 # Layer name -> class, filled by :func:`register` as the layer modules load
 # (``import limitkernel`` loads them all).
@@ -91,21 +119,28 @@ class Layer:
         values = dict(self.defaults)
         values.update(params)
         self.params = {k: self._check(k, v) for k, v in values.items()}
+        for key, value in self.params.items():
+            for number in value if isinstance(value, tuple) else (value,):
+                if isinstance(number, float):
+                    _check_magnitude(self.name, key, number)
+
+    # Layers this one counts for (itself and those inside its branches) and the
+    # depth of blocks nested in it: what MAX_LAYERS and MAX_NESTING bound.
+    _count = 1
+    _nesting = 0
 
     def _check(self, key, value):
+        """The stored form of parameter ``key``: a word, or a float checked by
+        :func:`check_number`."""
         default = self.defaults[key]
         if value is None and default is None:
             return None
         if isinstance(default, str):
             if not isinstance(value, str):
-                raise SpecError(f"{self.name}: {key} must be a word, got {value!r}")
+                raise SpecError(f"{self.name}: {key} must be a word such as {default!r}, "
+                                f"got {value!r}")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{self.name}: {key} must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise SpecError(f"{self.name}: {key} must be finite, got {value!r}")
-        return value
+        return check_number(self.name, key, value)
 
     def __getattr__(self, key):
         params = self.__dict__.get("params", {})
@@ -158,6 +193,11 @@ class Block(Layer):
             if not len(branch):
                 raise SpecError(f"{self.name}: branch {index + 1} is empty; write "
                                 "'identity' for a branch that passes its input on")
+        self._nesting = 1 + max(b._nesting for b in branches)
+        if self._nesting > MAX_NESTING:
+            raise SpecError(f"{self.name}: blocks nest {self._nesting} deep, more than the "
+                            f"{MAX_NESTING} a spec may nest; flatten the architecture")
+        self._count = 1 + sum(b._count for b in branches)
         self.branches = tuple(branches)
 
     @classmethod
@@ -186,7 +226,7 @@ class Serial:
     """A network: layers applied in order. Nested serials are flattened."""
 
     def __init__(self, layers):
-        flat = []
+        flat, count = [], 0
         for layer in layers:
             if isinstance(layer, Serial):
                 flat.extend(layer.layers)
@@ -194,9 +234,15 @@ class Serial:
                 flat.append(layer)
             else:
                 raise SpecError(
-                    f"a spec holds layers (Dense, activations, serial(...)), got {layer!r}"
+                    f"a spec holds layers (Dense, activations, serial(...)), got "
+                    f"{_short_repr(layer)}"
                 )
+            count += layer._count
+            if count > MAX_LAYERS:
+                raise SpecError(_too_many_layers(f"at least {count}"))
         self.layers = tuple(flat)
+        self._count = count
+        self._nesting = max((layer._nesting for layer in flat), default=0)
 
     def __iter__(self):
         return iter(self.layers)
@@ -218,6 +264,49 @@ class Serial:
 
     def to_dict(self):
         return {"layers": [layer.to_dict() for layer in self.layers]}
+
+
+def _too_many_layers(count):
+    return (f"the spec has {count} layers (after expanding repeats, counting those "
+            f"inside blocks), more than the {MAX_LAYERS} a spec may hold; check the "
+            "repeat counts")
+
+
+def _short_repr(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_number(layer, key, value):
+    """``value`` as a finite float of magnitude at most :data:`MAX_PARAMETER`.
+
+    Any real number is accepted (Python or numpy ints and floats, fractions);
+    booleans, complex numbers, strings and other objects are refused with a
+    :class:`SpecError` naming ``layer`` and ``key``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        kind = ("a complex" if isinstance(value, numbers.Complex)
+                and not isinstance(value, (bool, np.bool_)) else f"a {type(value).__name__}")
+        raise SpecError(f"{layer}: {key} must be a real number, got {kind} "
+                        f"({_short_repr(value)})")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf if value > 0 else -math.inf
+    if math.isnan(number):
+        raise SpecError(f"{layer}: {key} must be finite, got nan")
+    _check_magnitude(layer, key, number)
+    return number
+
+
+def _check_magnitude(layer, key, number):
+    if not math.isfinite(number):
+        raise SpecError(f"{layer}: {key} must be finite, got {number!r}")
+    if abs(number) > MAX_PARAMETER:
+        raise SpecError(
+            f"{layer}: {key}={number:.3g} is too large: the kernels square it, which "
+            f"overflows float64; lower {key} to at most {MAX_PARAMETER:g} in magnitude"
+        )
 
 
 def serial(*layers):
@@ -250,6 +339,9 @@ def _blocks():
 def layer_from_name(name, params, where="", branches=None):
     """Build the layer called ``name`` with keyword ``params`` (and ``branches``,
     a list of specs, for the blocks residual, parallel and concat)."""
+    if not isinstance(name, str):
+        raise SpecError(f"a layer name is a string such as 'dense'{where}, got "
+                        f"{_short_repr(name)}")
     cls = REGISTRY.get(name)
     if cls is not None:
         unknown = sorted(set(params) - set(cls.defaults))
@@ -276,10 +368,25 @@ def layer_from_name(name, params, where="", branches=None):
 
 # ---------------------------------------------------------------- text form
 
+_NUMBER_WORDS = ("nan", "inf", "infinity")
+
+# Longest group that str() looks for when it folds repeats into ``n * [...]``:
+# the search costs O(n · _MAX_GROUP) for n layers.
+_MAX_GROUP = 256
+
+
+def _is_word(text):
+    """Whether ``text`` reads back as a bare word (not a number, not quoted)."""
+    return (bool(text) and (text[0].isalpha() or text[0] == "_")
+            and all(c.isalnum() or c == "_" for c in text)
+            and text.lower() not in _NUMBER_WORDS)
+
 
 def _format_value(value):
     if isinstance(value, str):
-        return value
+        if _is_word(value):
+            return value
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, tuple):
         return ":".join(_format_value(v) for v in value)
     if value == int(value) and abs(value) < 1e15:
@@ -294,31 +401,59 @@ def _describe_params(defaults):
                      for k, v in defaults.items())
 
 
+def _run_lengths(eq):
+    """For each j, how many consecutive entries of the bool array ``eq`` from j are True."""
+    index = np.arange(len(eq))
+    stop = np.where(eq, len(eq), index)
+    return np.minimum.accumulate(stop[::-1])[::-1] - index
+
+
 def _compress(items):
-    """Join layer strings, folding a run of a repeated group into ``n * [...]``."""
-    out, i, n = [], 0, len(items)
+    """Join layer strings, folding a run of a repeated group into ``n * [...]``.
+
+    Greedy from the left: at each position the group (of at most ``_MAX_GROUP``
+    layers; the shortest among equals) whose repeats cover the most layers is
+    folded, and the group itself is folded the same way. The search compares
+    the sequence with itself shifted by each group length, in O(n) vectorised
+    steps per length, so the whole costs O(n · _MAX_GROUP).
+    """
+    n = len(items)
+    if n < 2:
+        return ", ".join(items)
+    ids = {}
+    codes = np.fromiter((ids.setdefault(item, len(ids)) for item in items),
+                        dtype=np.int64, count=n)
+    cover = np.ones(n, dtype=np.int64)  # layers covered by the best fold from i
+    size = np.ones(n, dtype=np.int64)   # its group length
+    if len(ids) < n:
+        for length in range(1, min(_MAX_GROUP, n // 2) + 1):
+            run = _run_lengths(codes[:-length] == codes[length:])
+            covered = length * (1 + run // length)
+            better = (covered > length) & (covered > cover[:n - length])
+            cover[:n - length][better] = covered[better]
+            size[:n - length][better] = length
+    out, i = [], 0
     while i < n:
-        best = (1, 1)  # (group length, repeats)
-        for size in range(1, (n - i) // 2 + 1):
-            group = items[i:i + size]
-            reps = 1
-            while items[i + reps * size:i + (reps + 1) * size] == group:
-                reps += 1
-            if reps > 1 and size * reps > best[0] * best[1]:
-                best = (size, reps)
-        size, reps = best
-        if reps > 1:
-            out.append(f"{reps} * [{', '.join(items[i:i + size])}]")
+        if cover[i] > 1:
+            length = int(size[i])
+            out.append(f"{int(cover[i]) // length} * "
+                       f"[{_compress(items[i:i + length])}]")
+            i += int(cover[i])
         else:
             out.append(items[i])
-        i += size * reps
+            i += 1
     return ", ".join(out)
+
+
+def _count(layers):
+    return sum(layer._count for layer in layers)
 
 
 class _Parser:
     def __init__(self, text):
         self.text = text
         self.pos = 0
+        self.depth = 0
 
     def fail(self, expected):
         found = self.text[self.pos:self.pos + 12]
@@ -352,6 +487,13 @@ class _Parser:
             self.pos += 1
         return self.text[start:self.pos]
 
+    def digits(self):
+        self.skip()
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] in "0123456789":
+            self.pos += 1
+        return self.text[start:self.pos]
+
     def number(self):
         self.skip()
         start = self.pos
@@ -364,12 +506,47 @@ class _Parser:
             self.pos = start
             self.fail("a number")
 
+    def quoted(self):
+        """A string in single or double quotes; a backslash escapes the next character."""
+        quote = self.text[self.pos]
+        start = self.pos
+        self.pos += 1
+        chars = []
+        while self.pos < len(self.text) and self.text[self.pos] != quote:
+            if self.text[self.pos] == "\\" and self.pos + 1 < len(self.text):
+                self.pos += 1
+            chars.append(self.text[self.pos])
+            self.pos += 1
+        if self.pos >= len(self.text):
+            self.pos = start
+            self.fail(f"a closing {quote} for the string that starts here")
+        self.pos += 1
+        return "".join(chars)
+
+    def open_bracket(self):
+        """Step past '[' into one more level of nesting."""
+        if self.depth >= MAX_NESTING:
+            raise SpecError(f"bad spec at character {self.pos + 1}: brackets nest more than "
+                            f"{MAX_NESTING} deep; flatten the architecture")
+        self.depth += 1
+        self.pos += 1
+
+    def close_bracket(self):
+        self.depth -= 1
+        self.pos += 1
+
     def spec(self, closing=""):
         """Layers up to (not including) one of the characters in ``closing``."""
         items = list(self.element())
+        count = _count(items)
         while self.peek() == ",":
             self.pos += 1
-            items.extend(self.element())
+            more = self.element()
+            count += _count(more)
+            if count > MAX_LAYERS:
+                raise SpecError(f"bad spec at character {self.pos}: "
+                                + _too_many_layers(f"at least {count}"))
+            items.extend(more)
         char = self.peek()
         if (char not in closing or not char) if closing else char:
             self.fail("',' or " + (" or ".join(repr(c) for c in closing)
@@ -378,29 +555,56 @@ class _Parser:
 
     def element(self):
         char = self.peek()
-        if char.isdigit():
+        if char and char in "0123456789":
             start = self.pos
-            count = self.word()
-            if not count.isdigit():
+            count = self.digits()
+            if self.text[self.pos:self.pos + 1].isalnum():
                 self.pos = start
                 self.fail("a repeat count such as '3 * [...]'")
             self.eat("*", "'*' after a repeat count")
             if self.peek() == "[":
-                self.pos += 1
+                self.open_bracket()
                 group = self.spec("]")
-                self.pos += 1
+                self.close_bracket()
             else:
                 group = self.layer()
-            return group * int(count)
+            size = _count(group)
+            # The count is checked before the group is repeated (and before the
+            # digits become a number, which Python limits to 4300 digits).
+            significant = count.lstrip("0")
+            if size and (len(significant) > len(str(MAX_LAYERS))
+                         or int(count) * size > MAX_LAYERS):
+                raise SpecError(
+                    f"bad spec at character {start + 1}: the repeat {count} * [...] of "
+                    f"{size} layer(s) gives more than the {MAX_LAYERS} layers a spec may "
+                    "hold; check the repeat count"
+                )
+            return group * int(count) if size else []
         if char == "[":
-            self.pos += 1
+            self.open_bracket()
             group = self.spec("]")
-            self.pos += 1
+            self.close_bracket()
             return group
         return self.layer()
 
+    def value(self, key):
+        """A parameter value: a number, numbers joined by ':', a word or a quoted string."""
+        char = self.peek()
+        if char in ("'", '"'):
+            return self.quoted()
+        if char.isalpha() or char == "_":
+            value = self.word()
+            return float(value) if value.lower() in _NUMBER_WORDS else value
+        value = self.number()
+        if self.peek() != ":":
+            return value
+        values = [value]
+        while self.peek() == ":":
+            self.pos += 1
+            values.append(self.number())
+        return tuple(values)
+
     def layer(self):
-        start = self.pos
         self.skip()
         start = self.pos
         name = self.word()
@@ -410,22 +614,16 @@ class _Parser:
         if self.peek() == "(":
             self.pos += 1
             while self.peek() != ")":
+                self.skip()
+                at = self.pos
                 key = self.word()
                 if not key:
                     self.fail("a parameter name or ')'")
+                if key in params:
+                    raise SpecError(f"{name}: parameter {key!r} is given twice (again at "
+                                    f"character {at + 1}); give each parameter once")
                 self.eat("=", f"'=' after parameter {key!r}")
-                if self.peek().isalpha():
-                    value = self.word()
-                    is_number = value.lower() in ("nan", "inf", "infinity")
-                    params[key] = float(value) if is_number else value
-                else:
-                    params[key] = self.number()
-                    if self.peek() == ":":
-                        values = [params[key]]
-                        while self.peek() == ":":
-                            self.pos += 1
-                            values.append(self.number())
-                        params[key] = tuple(values)
+                params[key] = self.value(key)
                 if self.peek() == ",":
                     self.pos += 1
                 elif self.peek() != ")":
@@ -436,12 +634,12 @@ class _Parser:
             if name not in REGISTRY or not REGISTRY[name].takes_branches:
                 self.fail(f"',' after {name!r} ('[' follows only "
                           f"{', '.join(_blocks())})")
-            self.pos += 1
+            self.open_bracket()
             branches = [Serial(self.spec("];"))]
             while self.peek() == ";":
                 self.pos += 1
                 branches.append(Serial(self.spec("];")))
-            self.pos += 1
+            self.close_bracket()
         try:
             return [layer_from_name(name, params, f" at character {start + 1}", branches)]
         except SpecError as err:
@@ -459,7 +657,14 @@ def parse(text):
         return from_json(stripped)
     if not stripped:
         raise SpecError("empty spec: give layers such as 'dense, relu, dense'")
-    return Serial(_Parser(text).spec())
+    return _not_empty(Serial(_Parser(text).spec()), " (a repeat count of 0 leaves none)")
+
+
+def _not_empty(spec, why=""):
+    if not len(spec):
+        raise SpecError(f"the spec has no layers{why}; give layers such as "
+                        "'dense, relu, dense'")
+    return spec
 
 
 # ---------------------------------------------------------------- JSON form
@@ -470,28 +675,55 @@ def to_json(spec, indent=None):
     return json.dumps(as_spec(spec).to_dict(), indent=indent)
 
 
-def from_dict(data):
+def from_dict(data, _depth=0):
+    """The spec of a JSON object ``{"layers": [{"layer": NAME, ...}, ...]}`` (parsed)."""
     if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
-        raise SpecError('a JSON spec is an object {"layers": [{"layer": "dense", ...}, ...]}')
+        raise SpecError('a JSON spec is an object {"layers": [{"layer": "dense", ...}, ...]}'
+                        f", got {_short_repr(data)}")
+    if _depth > MAX_NESTING:
+        raise SpecError(f"JSON spec: blocks nest more than {MAX_NESTING} deep; flatten the "
+                        "architecture")
+    if len(data["layers"]) > MAX_LAYERS:
+        raise SpecError("JSON spec: " + _too_many_layers(len(data["layers"])))
     layers = []
     for index, entry in enumerate(data["layers"]):
-        if not isinstance(entry, dict) or "layer" not in entry:
-            raise SpecError(f'JSON spec layer {index}: expected {{"layer": NAME, ...}}, got {entry!r}')
+        where = f" (JSON layer {index})"
+        if not isinstance(entry, dict) or not isinstance(entry.get("layer"), str):
+            raise SpecError(f'JSON spec layer {index}: expected {{"layer": NAME, ...}} with '
+                            f"NAME a string such as \"dense\", got {_short_repr(entry)}")
         params = {k: v for k, v in entry.items() if k not in ("layer", "branches")}
         branches = entry.get("branches")
         if branches is not None:
             if not isinstance(branches, list) or not all(isinstance(b, list) for b in branches):
                 raise SpecError(f"JSON spec layer {index}: 'branches' must be a list of "
-                                f"layer lists, got {branches!r}")
-            branches = [from_dict({"layers": b}) for b in branches]
-        layers.append(layer_from_name(entry["layer"], params, f" (JSON layer {index})",
-                                      branches))
+                                f"layer lists, got {_short_repr(branches)}")
+            branches = [from_dict({"layers": b}, _depth + 1) for b in branches]
+        try:
+            layers.append(layer_from_name(entry["layer"], params, where, branches))
+        except SpecError as err:
+            if "JSON layer" in str(err):
+                raise
+            raise SpecError(f"{err}{where}") from None
     return Serial(layers)
 
 
+def _unique_keys(pairs):
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise SpecError(f"JSON spec: key {_short_repr(key)} appears twice in one object; "
+                            "give each parameter once")
+        data[key] = value
+    return data
+
+
 def from_json(text):
+    """The spec of a JSON text (see :func:`to_json`)."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise SpecError(f"bad JSON spec at character {err.pos + 1}: {err.msg}") from None
-    return from_dict(data)
+    except RecursionError:
+        raise SpecError(f"JSON spec nests too deeply (blocks may nest at most {MAX_NESTING} "
+                        "deep)") from None
+    return _not_empty(from_dict(data))

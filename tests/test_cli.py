@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import limitkernel as lk
+from limitkernel import _numba, cli
+from limitkernel.cli import main
 
 SPEC = "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.05)"
 
@@ -109,3 +111,122 @@ def test_spec_json_round_trip_via_cli_file(tmp_path, inputs):
                  "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert json.loads(lk.spec.to_json(SPEC))["layers"][0]["layer"] == "dense"
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def call(argv, capsys):
+    """Run the command line in this process: (exit status, stdout, stderr)."""
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, err, fragment):
+    assert status == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("limitkernel"), err
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("arch, fragment", [
+    ("dense(w_std=1e200), relu, dense", "lower w_std"),
+    ("dense, leaky_relu(alpha=1e308), dense", "lower alpha"),
+    ("dense, exp(b=1e300), dense", "lower b"),
+    ("dense, sin(b=1e300), dense", "lower b"),
+    ("dense, residual(alpha=1e200)[relu, dense], dense", "lower alpha"),
+    ("99999999999999999999 * [dense]", "100000 layers a spec may hold"),
+    ("100000000 * [dense, relu], dense", "100000 layers a spec may hold"),
+    ('{"layers": [{"layer": 5}]}', "NAME a string"),
+    ('{"layers": [{"layer": null}]}', "NAME a string"),
+    ('{"layers": [{"layer": ["dense"]}]}', "NAME a string"),
+    ("[" * 500 + "dense" + "]" * 500, "nest more than 50 deep"),
+    ('{"layers": ' + "[" * 100000 + "]" * 100000 + "}", "nests too deeply"),
+    ("dense(w_std=1, w_std=2), dense", "given twice"),
+    ("dense, 2 * [sin(b=1e100), dense]", "the NTK Θ(x, x) overflows"),
+], ids=lambda value: value if len(value) < 40 else value[:37] + "...")
+def test_bad_specs_fail_on_one_line(tmp_path, inputs, capsys, arch, fragment):
+    status, _, err = call(["kernel", "--arch", arch, "--x", tmp_path / "x.npy", "--out",
+                           tmp_path / "k.npz"], capsys)
+    assert_one_line_error(status, err, fragment)
+    assert not os.path.exists(tmp_path / "k.npz")
+
+
+def test_bad_files_and_options_fail_on_one_line(tmp_path, inputs, capsys):
+    x = tmp_path / "x.npy"
+    (tmp_path / "text.npy").write_text("1,2\n3,4\n")
+    (tmp_path / "text.npz").write_text("1,2\n3,4\n")
+    (tmp_path / "spec.json").write_bytes(b"\x93\xff\x00binary")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object))
+    np.save(tmp_path / "complex.npy", np.ones((3, 2)) + 1j)
+    cases = [
+        (["--arch", SPEC, "--x", tmp_path / "text.npy"], "is not a .npy file"),
+        (["--arch", SPEC, "--x", tmp_path / "text.npz"], "is not a .npz file"),
+        (["--arch", SPEC, "--x", tmp_path / "objects.npy"], "holds Python objects"),
+        (["--arch", SPEC, "--x", tmp_path / "complex.npy"], "not real numbers"),
+        (["--arch", SPEC, "--x", tmp_path], "is a directory"),
+        (["--arch", tmp_path / "spec.json", "--x", x], "cannot read the spec file"),
+        (["--arch", tmp_path / "missing.json", "--x", x], "is neither a file nor a spec"),
+    ]
+    for args, fragment in cases:
+        status, _, err = call(["kernel", *args, "--out", tmp_path / "k.npz"], capsys)
+        assert_one_line_error(status, err, fragment)
+    store = tmp_path / "store"
+    for memory in ("1e999", "inf", "nan", "-1GB", "lots"):
+        with pytest.raises(SystemExit) as info:
+            main(["kernel", "--arch", SPEC, "--x", str(x), "--out", str(store),
+                  f"--memory={memory}"])
+        assert info.value.code == 2
+        assert_one_line_error(2, capsys.readouterr().err, "expected a finite size")
+    assert not store.exists()
+
+
+def test_usage_errors_are_one_line(capsys):
+    for argv in (["kernel", "--bogus"], ["nonsense"], [], ["predict", "--arch", "dense"],
+                 ["predict", "--lr", "nan", "--arch", "dense", "--train", "a.npz",
+                  "--test", "b.npz", "--out", "c.npz"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "error:" in err and "--help" in err
+
+
+def test_an_unexpected_exception_is_one_line_asking_for_a_report(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "_cmd_activations", broken)
+    status, _, err = call(["activations"], capsys)
+    assert_one_line_error(status, err, "internal error: KeyError: 'boom'; this is a bug, "
+                                       "please report it")
+    assert "--debug" in err
+    for argv in (["--debug", "activations"], ["activations", "--debug"]):
+        with pytest.raises(KeyError):
+            main(argv)
+    monkeypatch.setenv("LIMITKERNEL_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["activations"])
+
+
+def test_warnings_print_one_line_each(tmp_path, capsys):
+    np.save(tmp_path / "same.npy", np.ones((4, 3)))
+    status, out, err = call(["kernel", "--arch", "dense, relu, dense", "--x",
+                             tmp_path / "same.npy", "--out", tmp_path / "k.npz"], capsys)
+    assert status == 0 and "wrote" in out
+    lines = [line for line in err.splitlines() if "compiling" not in line]
+    assert len(lines) == 2, err
+    assert all(line.startswith("limitkernel: warning: the ") and
+               line.endswith("(DegenerateKernelWarning)") for line in lines)
+
+
+@pytest.mark.parametrize("cold", [["gram_block"], []])
+def test_a_cold_cache_is_announced(tmp_path, inputs, capsys, monkeypatch, cold):
+    monkeypatch.setattr(_numba, "cold_kernels", lambda: cold)
+    status, _, err = call(["kernel", "--arch", SPEC, "--x", tmp_path / "x.npy", "--out",
+                           tmp_path / "k.npz"], capsys)
+    assert status == 0
+    assert ("limitkernel: compiling kernels (first use only)…" in err) == bool(cold)

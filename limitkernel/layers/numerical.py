@@ -413,8 +413,7 @@ def _half_rule(nodes, terms):
 def _sample(fn, q, rule, name):
     """φ(±√q_i z_j); an odd or even φ (to rounding) gets an exactly zero part."""
     x = np.sqrt(q)[:, None] * rule.z
-    plus = np.asarray(fn(x), dtype=np.float64)
-    minus = np.asarray(fn(-x), dtype=np.float64)
+    plus, minus = _real(fn(x), name), _real(fn(-x), name)
     if plus.shape != x.shape or minus.shape != x.shape:
         raise ValueError(f"{name}: φ must act element-wise on arrays; given shape "
                          f"{x.shape} it returned {plus.shape}")
@@ -431,6 +430,20 @@ def _sample(fn, q, rule, name):
         odd = None
     second = (plus * plus + minus * minus) @ rule.second
     return _Sampled(even, odd, second)
+
+
+def _real(values, name):
+    """φ's values as floats; complex (or non-numeric) values are refused, not cut."""
+    values = np.asarray(values)
+    if np.iscomplexobj(values):
+        raise TypeError(f"{name}: φ (or φ') returned complex values; the kernels need a "
+                        "real-valued activation (return np.real(...) if the imaginary "
+                        "part is zero)")
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: φ (or φ') must return real numbers, it returned an "
+                        f"array of {values.dtype}") from None
 
 
 def _project(sampled, rule, terms, rows=None):
