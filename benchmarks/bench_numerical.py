@@ -71,9 +71,9 @@ def best_time(fn, args, repeats):
 
 def tanh_bounds(x):
     """Largest T and per-layer bounds over the tanh layers of the network on x."""
-    from limitkernel.gram import _Program
+    from limitkernel._program import Program
 
-    program = _Program(SPEC.format("tanh"), x.shape[1])
+    program = Program(SPEC.format("tanh"), x.shape[1])
     roots = program.diagonals(x)[0]
     terms, phi, dphi = 0, 0.0, 0.0
     for index, layer in enumerate(program.layers):
