@@ -101,9 +101,10 @@ class Numerical(Activation):
     which inputs, the worst-case bound (at |ρ| → 1), and the largest |ρ| within
     ``tol``; it does not fire for series that meet ``tol``. ELU and softsign have
     a kink in φ' at 0 (φ'' jumps), so their coefficients decay only algebraically
-    (tail(T) ∝ T^(−3/2) for E[φ'φ']) and 1e-12 would take millions of terms:
-    they default to ``tol`` = 1e-4 and 3e-3 with ``max_terms`` = 400, met up to
-    variances of about 10 and 4; at |ρ| ≤ 0.94 their bound is below 1e-12 anyway.
+    (tail(T) falls like a power of T, about T^(−2)) and 1e-12 would take
+    millions of terms: they default to ``tol`` = 1e-4 and 3e-3 with
+    ``max_terms`` = 400, met up to variances of about 10 and 4.7; at |ρ| ≤ 0.94
+    their bound is below 1e-12 anyway.
     :meth:`error_bound` reports T and the bound on given variances, at any |ρ|.
 
     Parameters
