@@ -512,6 +512,43 @@ def test_pass_equals_the_plain_truncated_series(name):
     np.testing.assert_allclose(got["ntk"], ntk, rtol=0, atol=1e-13 * np.abs(ntk).max())
 
 
+def test_inputs_the_representatives_miss_still_meet_tol(monkeypatch):
+    """T is first chosen on representatives; every other input is checked and can raise it."""
+    q = np.array([0.5, 1.0, 3.0, 0.7])
+    layer = lk.ACTIVATIONS["tanh"]()
+    expected = layer.error_bound(q)
+    monkeypatch.setattr(A, "_representatives", lambda q: np.array([int(np.argmin(q))]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = layer.error_bound(q)
+    assert got["terms"] >= expected["terms"] > layer.error_bound(q[:1])["terms"]
+    assert max(got["phi"], got["dphi"]) <= layer.tol
+
+
+def test_block_stop_is_rigorous_and_minimal():
+    """The pass stops a block at the fewest K with r^K √(S(K)/S(0)) ≤ 2⁻⁵⁴ (S: row tail)."""
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        terms = int(rng.integers(1, 300))
+        coef = rng.standard_normal(terms) * np.exp(-rng.uniform(0.0, 0.5) * np.arange(terms))
+        if trial % 7 == 0:
+            coef[::2] = 0.0
+        tail = A._suffix_squares(coef, terms)
+        np.testing.assert_allclose(tail[:-1], np.cumsum((coef ** 2)[::-1])[::-1], rtol=1e-14)
+        for r in (0.0, 0.1, 0.5, 0.9, 0.99, 0.999999, 1.0):
+            count = A._hermite_count(tail, r, terms)
+            if r >= 1.0:
+                assert count == terms
+                continue
+            if tail[0] == 0.0:
+                assert count == 0
+                continue
+            left = r ** count * math.sqrt(tail[count] / tail[0])
+            assert left <= 2.0 ** -54 * (1 + 1e-12)
+            if count > 0:
+                assert r ** (count - 1) * math.sqrt(tail[count - 1] / tail[0]) > 2.0 ** -54
+
+
 def test_depth_three_kernel_properties():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((120, 12))

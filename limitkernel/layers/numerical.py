@@ -287,7 +287,7 @@ class Numerical(Activation):
         else:
             size, rule = self._terms_for(q, cap)
         while True:
-            if terms is not None or rule.terms < size:
+            if terms is not None or rule is None or rule.terms < size:
                 rule = self._rule(q, size)[0]
             samples = [_sample(f, q, rule, self.name) for f in self._functions()]
             coefs = [_project(s, rule, size) for s in samples]
@@ -297,7 +297,8 @@ class Numerical(Activation):
             if terms is not None or size >= cap or not np.any(bad):
                 break
             # The representatives only estimate T: inputs that miss tol choose again.
-            need, rule = self._terms_for(q[bad], cap)
+            # (Their rule was checked on them only: check it again on all inputs.)
+            need, rule = self._terms_for(q[bad], cap)[0], None
             size = min(cap, max(size + 1, need))
         bounds = tuple(float(np.max(t)) for t in tails)
         if terms is None and max(bounds) > self.tol:
