@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from scipy import special
 
 import limitkernel as lk
-from limitkernel.layers import numerical as A
 from limitkernel._program import Program as _Program
+from limitkernel.layers import numerical as A
 
 # ---------------------------------------------------------------- references
 
