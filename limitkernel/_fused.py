@@ -162,9 +162,10 @@ def run_ops(l0, l1, q12, one_minus_rho, ntk, stash, rho, acc, i, j0, roots1, roo
                 rho = np.empty(n)
                 acc = np.empty(n)
             h = int(p[0])
-            hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, h1[h, i],
-                        h2[h, :, j0:j0 + n], hd1[h, i], hd2[h, :, j0:j0 + n], int(p[1]),
-                        rho[:n], acc[:n], want_ntk)
+            # The whole column tables and an offset: a slice's last axis would not
+            # be known contiguous, and the series loop would not vectorise.
+            hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, h1[h, i], h2[h],
+                        hd1[h, i], hd2[h], int(p[1]), rho[:n], acc[:n], want_ntk, j0)
         elif code == OP_SAVE or code == OP_LOAD or code == OP_ADD:
             stash = stash_op(code, q12, one_minus_rho, ntk, stash, layer, i, j0, roots1,
                              roots2, p, want_ntk)
