@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -117,28 +118,37 @@ def _store_target(args):
     ``--store DIR`` names a store; ``--out PATH`` does too when PATH does not end
     in .npz (as it always has), unless its extension names a file.
     """
-    from .distributed import StoreError, _check_store_path
+    from .distributed import _check_store_path, _file_suffix
 
     if args.out and args.out.lower().endswith(".npz"):
         if args.memory or args.scheduler:
             raise CLIError(f"--memory and --scheduler write a tile store (a directory): give "
                            f"--store DIR, not --out {args.out}")
         return None
-    flag = "--store" if args.store else "--out"
-    try:
-        return _check_store_path(args.store or args.out)
-    except StoreError as err:
-        raise CLIError(f"{flag} {err}; for one file give --out FILE.npz, for a tile store "
-                       "--store DIR") from None
+    path = args.store or args.out
+    suffix = _file_suffix(path)
+    stem = os.path.splitext(path.rstrip(os.sep))[0]
+    if suffix and args.store:
+        raise CLIError(f"--store {path} names a file ({suffix}), but a store is a directory "
+                       f"of tiles: give --store DIR without an extension, or --out "
+                       f"{stem}.npz for one .npz file")
+    if suffix:
+        raise CLIError(f"--out {path} names a file ({suffix}) that the kernel command does "
+                       f"not write: give --out {stem}.npz for one .npz file with the "
+                       "matrices, or --store DIR for a tile store (a directory)")
+    return _check_store_path(path)
 
 
 def _kernel_to_store(args, path, spec, x1, x2, get):
     from .distributed import kernel_to_store, status
 
     start = time.perf_counter()
-    kernel_to_store(spec, x1, x2, path=path, get=get, dtype=args.dtype,
-                    memory=args.memory, scheduler=args.scheduler,
-                    progress=True if args.progress else None)
+    with warnings.catch_warnings():
+        # A repaired store, an unlockable file system: one line each, as they happen.
+        warnings.showwarning = _warn_one_line
+        kernel_to_store(spec, x1, x2, path=path, get=get, dtype=args.dtype,
+                        memory=args.memory, scheduler=args.scheduler,
+                        progress=True if args.progress else None)
     elapsed = time.perf_counter() - start
     state = status(path)
     n, m = state.shape
@@ -155,6 +165,10 @@ def _store_status(args):
     print(state)
     if not state.ok:
         sys.exit(1)
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"limitkernel: warning: {message}", file=sys.stderr)
 
 
 def _plural(count, noun):

@@ -260,7 +260,7 @@ def _activations_hash(spec):
 def _describe(spec, plan, x1, x2, kinds, dtype):
     """Manifest fields that identify a computation (everything but the tile edge)."""
     spec = as_spec(spec)
-    inputs = [np.ascontiguousarray(x) for x in (x1, x2) if x is not None]
+    inputs = [np.ascontiguousarray(x, dtype=np.float64) for x in (x1, x2) if x is not None]
     parts = {
         "spec": _sha(str(spec)),
         "activations": _activations_hash(spec),
@@ -318,18 +318,16 @@ def _explain_mismatch(path, old, new):
 def _damaged(path, what, fatal):
     """The StoreError for damage: what is wrong and how to recover."""
     if fatal:
-        way = (f"so nothing in it can be trusted; delete the directory (rm -r {path}) and "
-               "rerun to start afresh")
-    else:
-        way = ("rerun the command that wrote it, with the same arguments, to recompute what "
-               "is damaged")
-    return StoreError(f"{path} is damaged: {what}; {way}")
+        return StoreError(f"{path} is damaged: {what}, so nothing in it can be trusted; "
+                          f"delete the directory (rm -r {path}) and rerun to start afresh")
+    return StoreError(f"{path} is damaged: {what}; rerun the command that wrote it, with "
+                      "the same arguments, to recompute what is damaged")
 
 
 _MANIFEST_TYPES = {
     "format": str, "format_version": int, "version": str, "spec": str, "shape": list,
     "kinds": list, "dtype": str, "symmetric": bool, "parts": dict, "fingerprint": str,
-    "tile": int, "offsets": dict, "checksum": str,
+    "tile": int, "offsets": dict, "headers": dict, "checksum": str,
 }
 
 
@@ -342,7 +340,7 @@ def _read_manifest(path):
     """The validated manifest of the store at ``path``, or None if there is none."""
     file = os.path.join(path, "manifest.json")
     try:
-        with open(file) as fh:
+        with open(file, "rb") as fh:
             text = fh.read()
     except FileNotFoundError:
         return None
@@ -378,23 +376,28 @@ def _data_file(path, kind):
     return os.path.join(path, f"{kind}.npy")
 
 
-def _new_data_file(path, meta, kind):
-    """An empty (sparse) .npy file of the store's shape; returns its data offset."""
-    array = np.lib.format.open_memmap(_data_file(path, kind), mode="w+",
-                                      dtype=np.dtype(meta["dtype"]), shape=tuple(meta["shape"]))
-    offset = int(array.offset)
-    del array
-    return offset
-
-
 def _create(path, meta):
-    """Lay out a new store: empty done/, empty (sparse) .npy files, the manifest last."""
+    """Lay out a new store: empty done/, empty (sparse) .npy files, the manifest last.
+
+    The manifest records each file's header bytes, so that a damaged header is
+    found, and rewritten as it was, whatever numpy version reads it later.
+    """
     done = os.path.join(path, "done")
+    if os.path.lexists(done) and not os.path.isdir(done):
+        os.remove(done)
     os.makedirs(done, exist_ok=True)
     for name in os.listdir(done):
         os.remove(os.path.join(done, name))
-    meta = dict(meta, offsets={kind: _new_data_file(path, meta, kind)
-                               for kind in meta["kinds"]})
+    offsets, headers = {}, {}
+    for kind in meta["kinds"]:
+        array = np.lib.format.open_memmap(_data_file(path, kind), mode="w+",
+                                          dtype=np.dtype(meta["dtype"]),
+                                          shape=tuple(meta["shape"]))
+        offsets[kind] = int(array.offset)
+        del array
+        with open(_data_file(path, kind), "rb") as fh:
+            headers[kind] = fh.read(offsets[kind]).hex()
+    meta = dict(meta, offsets=offsets, headers=headers)
     meta["checksum"] = _manifest_checksum(meta)
     with atomic_path(os.path.join(path, "manifest.json"), sync=True) as tmp, \
             open(tmp, "w") as fh:
@@ -518,33 +521,31 @@ def _read_marker(path, meta, name):
         return None
 
 
+def _data_bytes(meta, kind):
+    """Expected length of a data file: its header and n · m entries."""
+    n, m = meta["shape"]
+    return meta["offsets"][kind] + n * m * np.dtype(meta["dtype"]).itemsize
+
+
 def _structure(path, meta):
     """What is wrong with the files of a store whose manifest is sound (a list)."""
     problems = []
     if not os.path.isdir(os.path.join(path, "done")):
         problems.append("done/ (the markers of finished tiles) is missing")
-    n, m = meta["shape"]
-    dtype = np.dtype(meta["dtype"])
     for kind in meta["kinds"]:
         file = _data_file(path, kind)
-        if not os.path.isfile(file):
+        if not os.path.lexists(file):
             problems.append(f"{kind}.npy is missing")
             continue
-        offset = meta["offsets"][kind]
-        try:
-            with open(file, "rb") as fh:
-                version = np.lib.format.read_magic(fh)
-                read = {(1, 0): np.lib.format.read_array_header_1_0,
-                        (2, 0): np.lib.format.read_array_header_2_0}[version]
-                header = read(fh)
-                end = fh.tell()
-        except (ValueError, KeyError, OSError, EOFError, SyntaxError):
-            header, end = None, None
-        if header != ((n, m), False, dtype) or end != offset:
-            problems.append(f"{kind}.npy does not start with the .npy header of a "
-                            f"{n} x {m} {dtype.name} array")
+        if not os.path.isfile(file):
+            problems.append(f"{kind}.npy is not a regular file")
             continue
-        size, expected = os.path.getsize(file), offset + n * m * dtype.itemsize
+        header = bytes.fromhex(meta["headers"][kind])
+        with open(file, "rb") as fh:
+            if fh.read(len(header)) != header:
+                problems.append(f"{kind}.npy does not start with the .npy header it was "
+                                "written with")
+        size, expected = os.path.getsize(file), _data_bytes(meta, kind)
         if size != expected:
             problems.append(f"{kind}.npy is {size} bytes long, expected {expected} "
                             f"({'truncated' if size < expected else 'too long'})")
@@ -593,14 +594,14 @@ def _scan(path, meta, verify):
         else:
             markers[i, j] = crcs
     bad = []
+    if any(p.startswith(f"{kind}.npy") for p in problems for kind in meta["kinds"]):
+        # A data file is damaged as a whole (reported above): no tile counts as done.
+        return [], problems, bad
     if verify and markers:
-        readable = [k for k in meta["kinds"] if not any(
-            p.startswith(f"{k}.npy") for p in problems)]
-        fds = {kind: os.open(_data_file(path, kind), os.O_RDONLY) for kind in readable}
+        fds = {kind: os.open(_data_file(path, kind), os.O_RDONLY) for kind in meta["kinds"]}
         try:
             for (i, j), crcs in sorted(markers.items()):
-                why = [f"{k}.npy is damaged" for k in meta["kinds"] if k not in fds]
-                why = why or _check_tile(fds, meta, layout, i, j, crcs)
+                why = _check_tile(fds, meta, layout, i, j, crcs)
                 if why:
                     bad.append((i, j, "; ".join(why)))
         finally:
@@ -614,24 +615,30 @@ def _scan(path, meta, verify):
 def _repair(path, meta):
     """Make the files of a store whole again, for a writer; return what was wrong.
 
-    A missing or unreadable data file is laid out again (empty), a file of the
-    wrong length is cut or extended to its length, a missing done/ is created;
-    the caller then checks every tile against its checksum, which finds the
-    tiles these repairs emptied.
+    A missing data file is laid out again (empty), a damaged header is written
+    back as the manifest records it, a file of the wrong length is cut or
+    extended to its length, a missing done/ is created. The caller then checks
+    every tile against its checksum, which finds the tiles these repairs emptied.
     """
     problems = _structure(path, meta)
-    os.makedirs(os.path.join(path, "done"), exist_ok=True)
-    n, m = meta["shape"]
+    done = os.path.join(path, "done")
+    if os.path.lexists(done) and not os.path.isdir(done):
+        os.remove(done)
+    os.makedirs(done, exist_ok=True)
     for kind in meta["kinds"]:
-        mine = [p for p in problems if p.startswith(f"{kind}.npy")]
-        if not mine:
+        if not any(p.startswith(f"{kind}.npy") for p in problems):
             continue
-        offset = meta["offsets"][kind]
-        if "bytes long" in mine[0]:
-            os.truncate(_data_file(path, kind), offset + n * m * np.dtype(meta["dtype"]).itemsize)
-        elif _new_data_file(path, meta, kind) != offset:
-            raise _damaged(path, f"{kind}.npy cannot be laid out again at the data offset "
-                                 "the manifest records", True)
+        file = _data_file(path, kind)
+        if os.path.lexists(file) and not os.path.isfile(file):
+            raise _damaged(path, f"{kind}.npy is not a regular file (a directory or a "
+                                 "device?), and is left alone", True)
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            os.pwrite(fd, bytes.fromhex(meta["headers"][kind]), 0)
+            os.ftruncate(fd, _data_bytes(meta, kind))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return problems
 
 
@@ -763,9 +770,11 @@ class StoreStatus:
 
     def damage(self):
         """One line per problem and per tile that fails its checksum."""
+        n, m = self.shape
+        t = self.tile
         return list(self.problems) + [
-            f"tile ({i}, {j}) (rows {i * self.tile}.., columns {j * self.tile}..): {why}"
-            for i, j, why in self.bad_tiles]
+            f"tile ({i}, {j}) (rows {i * t}:{min(n, (i + 1) * t)}, columns "
+            f"{j * t}:{min(m, (j + 1) * t)}): {why}" for i, j, why in self.bad_tiles]
 
     def __str__(self):
         n, m = self.shape
@@ -907,14 +916,22 @@ class _Progress:
 # ------------------------------------------------------------ writing
 
 
-def _check_store_path(path):
-    """Refuse a store path whose extension names a file (``K.npy``, ``e.txt``).
+def _file_suffix(path):
+    """The extension of ``path`` if it names a file (``.npy``, ``.txt``, ...), else None.
 
     An existing store keeps working whatever its name.
     """
-    path = os.fspath(path)
-    suffix = os.path.splitext(path.rstrip(os.sep))[1].lower()
+    suffix = os.path.splitext(os.fspath(path).rstrip(os.sep))[1].lower()
     if suffix in _FILE_SUFFIXES and not os.path.isfile(os.path.join(path, "manifest.json")):
+        return suffix
+    return None
+
+
+def _check_store_path(path):
+    """``path`` as a string; refuse one that names a file or is not a directory."""
+    path = os.fspath(path)
+    suffix = _file_suffix(path)
+    if suffix:
         raise StoreError(f"{path} names a file ({suffix}), but a store is a directory of "
                          f"tiles; give a directory path without {suffix}")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -986,8 +1003,7 @@ def kernel_to_store(spec, x1, x2=None, path=None, get=KINDS, dtype="float64", me
         raise ValueError(f"tile must be a positive integer, got {tile!r}")
     budget = parse_memory(memory)
     plan = prepare(spec, x1, x2, get, dtype)
-    meta = _describe(spec, plan, plan.rows.x, None if plan.symmetric else plan.cols.x,
-                     plan.kinds, plan.dtype)
+    meta = _describe(spec, plan, x1, x2, plan.kinds, plan.dtype)
     in_flight = 1 if scheduler is not None else 2
     meta["tile"] = int(tile) if tile is not None else _tile_size(plan, budget, in_flight)
     client, owned = (None, []) if scheduler is None else _connect(scheduler)
@@ -999,9 +1015,11 @@ def kernel_to_store(spec, x1, x2=None, path=None, get=KINDS, dtype="float64", me
             done, problems, bad = _scan(path, meta, verify or bool(repaired))
             found = repaired + [p for p in problems if p not in repaired] + \
                 [f"tile ({i}, {j}): {why}" for i, j, why in bad]
+            # Markers not counted as done (unreadable, failed, stray) and the
+            # temporary files of markers whose writer was killed.
+            keep = {f"{i}_{j}" for i, j in done}
             for name in os.listdir(os.path.join(path, "done")):
-                match = _TILE_NAME.fullmatch(name)
-                if match and (int(match[1]), int(match[2])) not in done:
+                if name not in keep:
                     os.remove(os.path.join(path, "done", name))
             if found:
                 more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
@@ -1308,7 +1326,7 @@ def solve_cg(spec, x_train, y_train, x_test=None, kind="ntk", diag_reg=0.0,
         store = os.fspath(store)
         # The whole store is read many times below: checking it once first is cheap.
         state = status(store, verify=True)
-        expected = _describe(spec, plan, plan.rows.x, None, state.kinds, state.dtype)
+        expected = _describe(spec, plan, x_train, None, state.kinds, state.dtype)
         if state.fingerprint != expected["fingerprint"] or kind not in state.kinds:
             raise StoreError(f"{store} does not hold the {kind} kernel of this spec on "
                              f"x_train; write it with kernel_to_store(spec, x_train, "

@@ -14,13 +14,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 import limitkernel
@@ -322,7 +326,7 @@ REPAIRABLE = [
     (_truncate, "ntk.npy is .* bytes long, expected"),
     (_delete_done, "done/ .*missing"),
     (_delete_ntk, "ntk.npy is missing"),
-    (_header, "ntk.npy does not start with"),
+    (_header, "ntk.npy does not start with the .npy header it was written with"),
     (_marker, "the marker done/1_2 is unreadable"),
 ]
 # Damage that leaves nothing to trust: the message says to delete the store.
@@ -355,6 +359,17 @@ def test_damaged_manifest_is_refused_with_the_way_out(tmp_path, damage, fragment
     for call in (lambda: open_store(path), lambda: status(path),
                  lambda: kernel_to_store(SPEC, x, path=path, progress=False)):
         with pytest.raises(StoreError, match=f"{fragment}.*delete the directory"):
+            call()
+
+
+def test_store_of_another_format_is_refused_with_the_way_out(tmp_path):
+    x, path = _small_store(tmp_path)
+    meta = json.loads((path / "manifest.json").read_text())
+    meta["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(meta))
+    for call in (lambda: open_store(path), lambda: status(path),
+                 lambda: kernel_to_store(SPEC, x, path=path, progress=False)):
+        with pytest.raises(StoreError, match=r"format 1, .*np\.load\(.*or delete it"):
             call()
 
 
@@ -494,6 +509,129 @@ def test_store_entries_agree_with_kernel_within_the_dot_product_rounding(tmp_pat
     assert np.all(np.abs(out["ntk"] - ref["ntk"]) <= bound)
 
 
+# ------------------------------------------------------------ fuzzing
+
+
+class _Interrupted(Exception):
+    pass
+
+
+_DAMAGE = st.one_of(
+    st.tuples(st.just("flip"), st.sampled_from(["manifest.json", "nngp.npy", "ntk.npy",
+                                                "marker"]),
+              st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.sampled_from(["manifest.json", "nngp.npy", "ntk.npy",
+                                                    "marker"]),
+              st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("extend"), st.sampled_from(["nngp.npy", "ntk.npy"]),
+              st.integers(1, 64)),
+    st.tuples(st.just("delete"), st.sampled_from(["manifest.json", "nngp.npy", "ntk.npy",
+                                                  "done", "lock", "marker"]),
+              st.floats(0, 1, exclude_max=True)),
+    # A marker of the finished store (right fingerprint) for a tile maybe not written.
+    st.tuples(st.just("plant"), st.just("marker"), st.floats(0, 1, exclude_max=True)),
+    # The other kernel's file, or the finished store's manifest, in its place.
+    st.tuples(st.just("swap"), st.sampled_from(["nngp.npy", "ntk.npy", "manifest.json"])),
+)
+
+
+def _damage(path, action, finished):
+    """Apply one damage; a target that does not exist is left alone."""
+    how, target = action[0], action[1]
+    if how == "plant":
+        names = sorted(os.listdir(finished / "done"))
+        name = names[int(action[2] * len(names))]
+        if (path / "done").is_dir():
+            shutil.copy(finished / "done" / name, path / "done" / name)
+        return
+    if how == "swap":
+        other = {"nngp.npy": "ntk.npy", "ntk.npy": "nngp.npy"}.get(target, target)
+        if (finished / other).exists() and path.is_dir():
+            shutil.copy(finished / other, path / target)
+        return
+    if target == "marker":
+        names = sorted(os.listdir(path / "done")) if (path / "done").is_dir() else []
+        if not names:
+            return
+        target = f"done/{names[int(action[2] * len(names))]}"
+    file = path / target
+    if not file.exists():
+        return
+    if how == "delete":
+        shutil.rmtree(file) if file.is_dir() else file.unlink()
+    elif how == "extend":
+        with open(file, "ab") as fh:
+            fh.write(b"\0" * action[2])
+    elif how == "truncate":
+        os.truncate(file, int(action[2] * file.stat().st_size))
+    elif file.stat().st_size:
+        with open(file, "r+b") as fh:
+            fh.seek(int(action[2] * file.stat().st_size))
+            byte = fh.read(1)[0]
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte ^ action[3]]))
+
+
+@given(n=st.integers(1, 14), m=st.none() | st.integers(1, 14), tile=st.integers(2, 8),
+       kinds=st.sampled_from([("nngp",), ("ntk",), ("nngp", "ntk")]),
+       dtype=st.sampled_from(["float64", "float32"]), stop=st.none() | st.integers(0, 6),
+       damages=st.lists(_DAMAGE, max_size=3), seed=st.integers(0, 1000))
+def test_fuzz_damaged_stores_never_serve_wrong_numbers(n, m, tile, kinds, dtype, stop,
+                                                      damages, seed):
+    """Interrupted runs and random damage: readers refuse or serve the right bytes;
+    a rerun repairs the store, or refuses with the way out; another spec is refused."""
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=(n, 3))
+    x2 = None if m is None else rng.normal(size=(m, 3))
+    spec = "dense(b_std=0.1), relu, dense"
+    args = dict(get=kinds, dtype=dtype, tile=tile)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        tmp = Path(tmp)
+        kernel_to_store(spec, x1, x2, path=tmp / "ref", progress=False, **args)
+        reference = {kind: (tmp / "ref" / f"{kind}.npy").read_bytes() for kind in kinds}
+        path = tmp / "s"
+        calls = []
+
+        def interrupt(done, total):
+            calls.append(done)
+            if stop is not None and len(calls) > stop:
+                raise _Interrupted
+
+        try:
+            kernel_to_store(spec, x1, x2, path=path, progress=interrupt, **args)
+        except _Interrupted:
+            pass
+        with pytest.raises(StoreError, match="different computation"):
+            kernel_to_store("dense, erf, dense", x1, x2, path=path, progress=False, **args)
+        for action in damages:
+            _damage(path, action, tmp / "ref")
+
+        def same(arrays):
+            return all(np.asarray(arrays[k]).tobytes() == np.load(
+                tmp / "ref" / f"{k}.npy").tobytes() for k in kinds)
+
+        try:
+            assert same(open_store(path))
+        except StoreError:
+            pass
+        try:
+            state = status(path, verify=True)
+            if state.ok and state.complete:
+                assert all((path / f"{k}.npy").read_bytes() == reference[k] for k in kinds)
+        except StoreError:
+            pass
+        try:
+            out = kernel_to_store(spec, x1, x2, path=path, progress=False, **args)
+        except StoreError as err:
+            assert "delete the directory" in str(err) or "not a limitkernel" in str(err)
+            shutil.rmtree(path)
+            out = kernel_to_store(spec, x1, x2, path=path, progress=False, **args)
+        assert same(out)
+        assert all((path / f"{k}.npy").read_bytes() == reference[k] for k in kinds)
+        assert status(path, verify=True).ok
+
+
 # ------------------------------------------------------------ Dask
 
 
@@ -508,12 +646,34 @@ def client():
         yield cl
 
 
-def test_dask_matches_in_process(tmp_path, client):
+def _one_blas_thread():
+    """BLAS on one thread, as on Dask workers (their nanny sets OPENBLAS_NUM_THREADS=1):
+    OpenBLAS may round a dot product differently with another thread count."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def test_dask_matches_in_process(tmp_path, client, monkeypatch):
+    from limitkernel import distributed
+
+    monkeypatch.setattr(distributed, "_LOCK_PATIENCE", 0.1)
     x = _x(300, d=8)
-    kernel_to_store(NUMERICAL, x, path=tmp_path / "local", tile=48, progress=False)
+    with _one_blas_thread():
+        kernel_to_store(NUMERICAL, x, path=tmp_path / "local", tile=48, progress=False)
+    refused = []
+
+    def second_writer(done, total):
+        # The driver holds the lock while the workers write; another writer is refused.
+        if not refused:
+            with pytest.raises(StoreError, match="being written"):
+                kernel_to_store(SPEC, x, path=tmp_path / "dask", tile=48, progress=False)
+            refused.append(done)
+
     kernel_to_store(NUMERICAL, x, path=tmp_path / "dask", tile=48, scheduler=client,
-                    progress=False)
-    # Same code, same tiles, same bytes, whichever process computed them.
+                    progress=second_writer)
+    assert refused
+    # Same code, same tiles, same BLAS threads: same bytes, whichever process computed them.
     assert _bytes(tmp_path / "dask") == _bytes(tmp_path / "local")
     y = _x(70, d=8, seed=3)
     out = kernel_to_store(SPEC, x, y, path=tmp_path / "rect", tile=48, scheduler=client,
@@ -539,7 +699,8 @@ def test_dask_survives_a_killed_worker(tmp_path, client):
     assert seen["done_at_kill"] < 15 * 16 // 2  # the kill came mid-run
     client.wait_for_workers(2, timeout=60)
     assert victim not in client.run(os.getpid).values()  # it did die (and was replaced)
-    kernel_to_store(NUMERICAL, x, path=tmp_path / "local", tile=40, progress=False)
+    with _one_blas_thread():
+        kernel_to_store(NUMERICAL, x, path=tmp_path / "local", tile=40, progress=False)
     assert _bytes(tmp_path / "dask") == _bytes(tmp_path / "local")
 
 
