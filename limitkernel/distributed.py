@@ -992,9 +992,10 @@ def kernel_to_store(spec, x1, x2=None, path=None, get=KINDS, dtype="float64", me
     One writer at a time: the run holds an exclusive ``flock`` on
     ``<path>/lock``. With a Dask scheduler only this process takes it; the
     workers write tiles and markers. Entries equal those of
-    :func:`limitkernel.kernel` to a few units in the last place, not bit for
+    :func:`limitkernel.kernel` to about an ulp of the largest entry, not bit for
     bit: both run the same fused pass, but on dot products x·x′ from BLAS calls
-    of other shapes, which round differently.
+    of other shapes (or thread counts), which round differently; each dot
+    product is within γ_d Σ|x_k x′_k| of the exact one, γ_d = dε/(1 − dε).
     """
     if path is None:
         raise ValueError("path is required: the directory to write the store to")
