@@ -67,6 +67,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _kernels
+from . import activations as _activations
 from . import gram as _gram
 from ._io import atomic_path
 from .activations import Numerical
@@ -221,8 +222,10 @@ def _sha(*parts):
 
 
 def _kernel_code_hash():
-    """Hash of the code that computes entries, so a changed kernel never mixes."""
-    return _sha(_version(), *(Path(m.__file__).read_bytes() for m in (_kernels, _gram)))
+    """Hash of the code that computes entries (the fused pass, the plan, the
+    activations' diagonals and Hermite tables), so a changed kernel never mixes."""
+    return _sha(_version(), *(Path(m.__file__).read_bytes()
+                              for m in (_kernels, _gram, _activations)))
 
 
 def _numerical_layers(layers):
@@ -353,15 +356,19 @@ def _read_manifest(path):
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise StoreError(f"{path}/manifest.json is not a limitkernel Gram store")
     version = meta.get("format_version")
-    if isinstance(version, int) and version != _FORMAT_VERSION:
-        raise StoreError(
-            f"{path} is a store of format {version}, written by "
-            f"limitkernel {meta.get('version')}; this version reads format "
-            f"{_FORMAT_VERSION} (with tile checksums) only: read its .npy files with "
-            "np.load(..., mmap_mode='r'), or delete it and rerun to rewrite it")
+    other_format = StoreError(
+        f"{path} is a store of format {version}, written by limitkernel "
+        f"{meta.get('version')}; this version reads format {_FORMAT_VERSION} (with tile "
+        "checksums) only: read its .npy files with np.load(..., mmap_mode='r'), or "
+        "delete it and rerun to rewrite it")
+    if version == 1 and "checksum" not in meta:  # format 1 had no checksums
+        raise other_format
     if meta.get("checksum") != _manifest_checksum(meta):
+        # The checksum is read first: a changed digit must not pass for a format.
         raise _damaged(path, "manifest.json was modified or damaged (its checksum does not "
                              "match its content)", True)
+    if version != _FORMAT_VERSION:
+        raise other_format
     bad = [k for k, kind in _MANIFEST_TYPES.items() if not isinstance(meta.get(k), kind)]
     if bad:  # a checksum that matches a malformed manifest: not written by this code
         raise _damaged(path, f"manifest.json was modified or damaged (bad {bad[0]!r})", True)

@@ -367,6 +367,12 @@ def test_store_of_another_format_is_refused_with_the_way_out(tmp_path):
     meta = json.loads((path / "manifest.json").read_text())
     meta["format_version"] = 1
     (path / "manifest.json").write_text(json.dumps(meta))
+    # A changed digit in a checksummed manifest is damage, not another format.
+    with pytest.raises(StoreError, match="manifest.json was modified or damaged"):
+        status(path)
+    # Format 1 stores had no checksums (nor headers).
+    del meta["checksum"], meta["headers"]
+    (path / "manifest.json").write_text(json.dumps(meta))
     for call in (lambda: open_store(path), lambda: status(path),
                  lambda: kernel_to_store(SPEC, x, path=path, progress=False)):
         with pytest.raises(StoreError, match=r"format 1, .*np\.load\(.*or delete it"):
