@@ -137,48 +137,97 @@ def _cmd_kernel(args):
     from .gram import kernel
 
     if args.status:
-        from .distributed import status
-
-        print(status(args.status))
+        _store_status(args)
         return
+    if args.verify:
+        raise CLIError("--verify goes with --status DIR (a store run always checks the "
+                       "tiles it resumes from)")
+    if args.out and args.store:
+        raise CLIError(f"give --out FILE.npz (in memory) or --store DIR (a tile store on "
+                       f"disk), not both: got --out {args.out} and --store {args.store}")
+    target = args.out or args.store
     missing = [flag for flag, value in (("--arch", args.arch), ("--x", args.x),
-                                        ("--out", args.out)) if not value]
+                                        ("--out or --store", target)) if not value]
     if missing:
         raise CLIError(f"kernel needs {', '.join(missing)} (or --status DIR to report on "
                        "a store)")
+    store = _store_target(args)
     spec = load_spec(args.arch)
     x1 = load_array(args.x)
     x2 = load_array(args.x2) if args.x2 else None
     get = tuple(k.strip() for k in args.get.split(",") if k.strip())
-    if not args.out.lower().endswith(".npz"):
-        _kernel_to_store(args, spec, x1, x2, get)
+    if store is not None:
+        _kernel_to_store(args, store, spec, x1, x2, get)
         return
-    if args.memory or args.scheduler:
-        raise CLIError("--memory and --scheduler write an on-disk store: give a directory "
-                       f"for --out, not {args.out}")
+    if os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} is a directory; give a file name ending in .npz "
+                       "(or --store DIR for a tile store)")
     start = time.perf_counter()
     _announce_compilation()
     out = kernel(spec, x1, x2, get=get, dtype=args.dtype, progress=args.progress)
     elapsed = time.perf_counter() - start
     save_npz(args.out, out)
     shape = "x".join(str(s) for s in next(iter(out.values())).shape)
-    print(f"wrote {', '.join(out)} ({shape}, {args.dtype}) to {args.out} in {elapsed:.2f} s")
+    print(f"wrote {', '.join(out)} ({shape}, {args.dtype}) to the file {args.out} in "
+          f"{elapsed:.2f} s")
 
 
-def _kernel_to_store(args, spec, x1, x2, get):
+def _store_target(args):
+    """The store directory of a kernel run, or None for an in-memory .npz.
+
+    ``--store DIR`` names a store; ``--out PATH`` does too when PATH does not end
+    in .npz (as it always has), unless its extension names a file.
+    """
+    from .distributed import _check_store_path, _file_suffix
+
+    if args.out and args.out.lower().endswith(".npz"):
+        if args.memory or args.scheduler:
+            raise CLIError(f"--memory and --scheduler write a tile store (a directory): give "
+                           f"--store DIR, not --out {args.out}")
+        return None
+    path = args.store or args.out
+    suffix = _file_suffix(path)
+    stem = os.path.splitext(path.rstrip(os.sep))[0]
+    if suffix and args.store:
+        raise CLIError(f"--store {path} names a file ({suffix}), but a store is a directory "
+                       f"of tiles: give --store DIR without an extension, or --out "
+                       f"{stem}.npz for one .npz file")
+    if suffix:
+        raise CLIError(f"--out {path} names a file ({suffix}) that the kernel command does "
+                       f"not write: give --out {stem}.npz for one .npz file with the "
+                       "matrices, or --store DIR for a tile store (a directory)")
+    return _check_store_path(path)
+
+
+def _kernel_to_store(args, path, spec, x1, x2, get):
     from .distributed import kernel_to_store, status
 
     start = time.perf_counter()
     _announce_compilation()
-    kernel_to_store(spec, x1, x2, path=args.out, get=get, dtype=args.dtype,
+    # A repaired store or an unlockable file system warns: one line each (see main).
+    kernel_to_store(spec, x1, x2, path=path, get=get, dtype=args.dtype,
                     memory=args.memory, scheduler=args.scheduler,
                     progress=True if args.progress else None)
     elapsed = time.perf_counter() - start
-    state = status(args.out)
+    state = status(path)
     n, m = state.shape
-    print(f"wrote {', '.join(state.kinds)} ({n}x{m}, {state.dtype}) to the store {args.out} "
-          f"in {elapsed:.2f} s ({state.total} tiles of edge {state.tile}); open it with "
-          "limitkernel.open_store or np.load(..., mmap_mode='r')")
+    print(f"wrote {', '.join(state.kinds)} ({n}x{m}, {state.dtype}) to the tile store {path} "
+          f"(a directory) in {elapsed:.2f} s: {_plural(state.total, 'tile')} of edge "
+          f"{state.tile}; open it with limitkernel.open_store or np.load(DIR/ntk.npy, "
+          "mmap_mode='r')")
+
+
+def _store_status(args):
+    from .distributed import status
+
+    state = status(args.status, verify=args.verify)
+    print(state)
+    if not state.ok:
+        sys.exit(1)
+
+
+def _plural(count, noun):
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _cmd_activations(args):
@@ -435,8 +484,12 @@ def build_parser():
     p.add_argument("--get", default="nngp,ntk", help="kernels to compute (default nngp,ntk)")
     p.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     p.add_argument("--out",
-                   help="output .npz with arrays nngp and ntk, or a directory: an on-disk "
-                        "store written tile by tile (rerun to resume after a crash)")
+                   help="output .npz with arrays nngp and ntk (computed in memory); a path "
+                        "without an extension is read as --store")
+    p.add_argument("--store", metavar="DIR",
+                   help="write an on-disk tile store to the directory DIR instead, tile by "
+                        "tile within --memory (rerun the same command to resume after a "
+                        "crash or to repair damage)")
     p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
     p.add_argument("--memory", type=_memory,
                    help="memory budget of a store run, e.g. 4GB (sets the tile size; "
@@ -445,7 +498,10 @@ def build_parser():
                    help="run the tiles of a store on Dask: 'local' (a LocalCluster on this "
                         "machine) or a scheduler address tcp://host:8786")
     p.add_argument("--status", metavar="DIR",
-                   help="report the progress of the store DIR and exit")
+                   help="report the progress and health of the store DIR and exit (status "
+                        "1 if it is damaged)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --status: read every finished tile and check its checksum")
     p.set_defaults(run=_cmd_kernel)
 
     p = sub.add_parser("activations", help="list activations and how each is computed")

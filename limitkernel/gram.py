@@ -273,6 +273,12 @@ class _Side:
     def __len__(self):
         return self.x.shape[0]
 
+    @property
+    def nbytes(self):
+        """Bytes held: inputs, unit-norm copies, diagonals, Hermite tables."""
+        return sum(a.nbytes for a in (self.x, self.xn, self.roots, self.var0, self.h,
+                                      self.hd))
+
     def part(self, a, b):
         """Inputs a .. b - 1, as C-contiguous copies (one compiled layout)."""
         if a == 0 and b == len(self):
@@ -298,6 +304,12 @@ class _SpatialSide:
 
     def __len__(self):
         return self.x.shape[0]
+
+    @property
+    def nbytes(self):
+        """Bytes held, counting the transposed copies of the column side."""
+        own = sum(a.nbytes for a in (self.x, self.xn, self.var, self.root))
+        return 2 * own
 
     def part(self, a, b):
         if a == 0 and b == len(self):
