@@ -63,11 +63,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from . import gram as _gram
 from ._io import atomic_path
-from ._numba import sources_digest
+from ._numba import jit_parallel, sources_digest
 from ._version import __version__
 from .layers import Numerical
 from .gram import KINDS, MemoryBudgetError, available_memory, prepare
@@ -1227,7 +1227,7 @@ class _TileOperator:
         return out
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@jit_parallel
 def _rows_times(block, vt, out):
     """out = block @ vt.T in float64 arithmetic, for a float32 row block.
 
