@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import Dense
+from .layers import AvgPool, Conv, Dense, Flatten, GlobalAvgPool
 from .layers.activations import ABRelu
 from .gram import check_inputs, kernel, kernel_diag
 from .spec import Block, Serial, SpecError, as_spec
@@ -34,10 +34,12 @@ _KINDS = ("ntk", "nngp")
 
 
 def scaled_spec(spec, w_std=None, b_std=None):
-    """The spec with every dense layer's σ_w and σ_b replaced (None keeps them).
+    """The spec with every dense and conv layer's σ_w and σ_b replaced (None keeps
+    them).
 
-    Dense layers inside blocks (residual, parallel, concat branches) are replaced
-    too; their parameterisation and width are kept.
+    Layers inside blocks (residual, parallel, concat branches) are replaced too;
+    their parameterisation, width and (for conv) filter, padding and stride are
+    kept.
     """
     layers = []
     for layer in as_spec(spec):
@@ -45,6 +47,11 @@ def scaled_spec(spec, w_std=None, b_std=None):
             layer = Dense(layer.w_std if w_std is None else float(w_std),
                           layer.b_std if b_std is None else float(b_std),
                           layer.parameterization, layer.width)
+        elif isinstance(layer, Conv):
+            layer = Conv(layer.k, layer.padding, layer.stride,
+                         layer.w_std if w_std is None else float(w_std),
+                         layer.b_std if b_std is None else float(b_std),
+                         layer.parameterization, layer.width)
         elif isinstance(layer, Block):
             branches = tuple(scaled_spec(b, w_std, b_std) for b in layer.branches)
             layer = copy.copy(layer)
@@ -56,7 +63,7 @@ def scaled_spec(spec, w_std=None, b_std=None):
 def _dense_count(spec):
     count = 0
     for layer in spec:
-        if isinstance(layer, Dense):
+        if isinstance(layer, (Dense, Conv)):
             count += 1
         elif isinstance(layer, Block):
             count += sum(_dense_count(b) for b in layer.branches)
@@ -73,10 +80,12 @@ def _homogeneous_degree(spec, kind):
     """
     count = 0
     for layer in spec:
-        if isinstance(layer, Dense):
+        if isinstance(layer, (Dense, Conv)):
             if layer.b_std != 0 or (kind == "ntk" and layer.parameterization != "ntk"):
                 return None
             count += 1
+        elif isinstance(layer, (AvgPool, GlobalAvgPool, Flatten)):
+            continue  # linear and free of σ_w
         elif not isinstance(layer, ABRelu):
             return None
     return 2 * count
@@ -135,6 +144,10 @@ class _NetworkKernel:
     w_std_bounds, b_std_bounds : pair of float or "fixed"
         Bounds of the hyperparameters (default (0.1, 10) and (1e-4, 10)), or
         "fixed" to keep the value out of ``theta``.
+    input_shape : tuple of int, default=None
+        For a network on images or sequences, the shape (H, W, C) or (L, C) of
+        one input; X holds each input flattened in C order, as scikit-learn
+        wants 2-D arrays. σ_w and σ_b then also replace those of conv layers.
 
     Notes
     -----
@@ -142,10 +155,10 @@ class _NetworkKernel:
     order, as scikit-learn orders hyperparameters by name) is
 
     * exact for log σ_w when the kernel is homogeneous in σ_w: a serial of
-      bias-free dense layers and activations positively homogeneous of degree 1
-      (relu, leaky_relu, abs, identity, abrelu), NTK parameterisation or
-      ``kind="nngp"``; there K = σ_w^(2L) K|σ_w=1 with L dense layers, so
-      ∂K/∂log σ_w = 2L K;
+      bias-free dense or conv layers, pooling and flatten, and activations
+      positively homogeneous of degree 1 (relu, leaky_relu, abs, identity,
+      abrelu), NTK parameterisation or ``kind="nngp"``; there
+      K = σ_w^(2L) K|σ_w=1 with L dense and conv layers, so ∂K/∂log σ_w = 2L K;
     * otherwise a central difference, two more kernel evaluations per free
       hyperparameter, with step h = (3ε)^(1/3) ≈ 8.7e-6 in log σ_b and h/(2L)
       in log σ_w. Its error is the truncation h²/6 |∂³K/∂θ³| plus the rounding
@@ -176,13 +189,26 @@ class _NetworkKernel:
     """
 
     def __init__(self, spec, kind="ntk", w_std=None, b_std=None,
-                 w_std_bounds=(1e-1, 1e1), b_std_bounds=(1e-4, 1e1)):
+                 w_std_bounds=(1e-1, 1e1), b_std_bounds=(1e-4, 1e1), input_shape=None):
         self.spec = spec
         self.kind = kind
         self.w_std = w_std
         self.b_std = b_std
         self.w_std_bounds = w_std_bounds
         self.b_std_bounds = b_std_bounds
+        self.input_shape = input_shape
+
+    def _inputs(self, X, name):
+        """X as the network takes it: rows of flattened images or sequences are
+        given their ``input_shape`` (scikit-learn passes 2-D arrays)."""
+        X = check_inputs(X, name)
+        if self.input_shape is None:
+            return X
+        shape = tuple(int(v) for v in np.atleast_1d(self.input_shape))
+        if len(shape) not in (2, 3) or int(np.prod(shape)) != X.shape[1]:
+            raise ValueError(f"input_shape {shape} must be (H, W, C) or (L, C) with as "
+                             f"many values per input as {name} has features ({X.shape[1]})")
+        return X.reshape((X.shape[0],) + shape)
 
     # -------------------------------------------------- hyperparameters
 
@@ -239,7 +265,8 @@ class _NetworkKernel:
         """
         kind = self._kind()
         spec = self.network()
-        X = check_inputs(X, "X")
+        X = self._inputs(X, "X")
+        Y = None if Y is None else self._inputs(Y, "Y")
         if eval_gradient and Y is not None:
             raise ValueError("the gradient is computed only for k(X) with Y=None "
                              "(as for scikit-learn's kernels); drop Y or eval_gradient")
@@ -271,7 +298,7 @@ class _NetworkKernel:
     def diag(self, X):
         """The diagonal of k(X), (n,), without the rest of the matrix."""
         kind = self._kind()
-        return kernel_diag(self.network(), check_inputs(X, "X"), get=kind)[kind]
+        return kernel_diag(self.network(), self._inputs(X, "X"), get=kind)[kind]
 
     def is_stationary(self):
         """False: the kernel depends on the inputs, not only on their difference."""

@@ -175,3 +175,46 @@ def monte_carlo(spec, x, width, draws, seed):
         nngp.append(k)
         ntk.append(t)
     return np.array(nngp), np.array(ntk)
+
+
+# ------------------------------------------------------------ convolutional
+
+
+def _conv_same(x, w, b):
+    """'same' convolution of images x (N, H, W, C) with a k×k filter w (k, k, C, n):
+    out[p] = Σ_taps x[p + δ] · w[δ] + b, positions outside the image being zero,
+    the smaller half of the padding first (k odd: (k − 1)/2 on each side)."""
+    k = w.shape[0]
+    pad = (k - 1) // 2
+    n, h, wd, _ = x.shape
+    padded = np.zeros((n, h + k - 1, wd + k - 1, x.shape[3]))
+    padded[:, pad:pad + h, pad:pad + wd] = x
+    out = np.zeros((n, h, wd, w.shape[3]))
+    for dy in range(k):
+        for dx in range(k):
+            out += padded[:, dy:dy + h, dx:dx + wd] @ w[dy, dx]
+    return out + b
+
+
+def conv_readout_nngp(x, k, w_std, b_std, readout, width, draws, seed):
+    """Empirical NNGP of ``conv(k, same, w_std, b_std), relu, READOUT, dense``
+    (READOUT ``flatten`` or ``global_avg_pool``) at the readout's input, for
+    ``draws`` independent networks of ``width`` channels (NTK parameterisation:
+    W, b ~ N(0, 1) behind σ_w/√(k²C) and σ_b). Over the readout's weights this is
+    the covariance of the output, whose mean over the hidden weights is the
+    limit's NNGP exactly (one hidden layer: no 1/width bias). Returns (draws, N, N).
+    """
+    rng = np.random.default_rng(seed)
+    n, h, wd, c = x.shape
+    out = np.empty((draws, n, n))
+    for d in range(draws):
+        w = rng.standard_normal((k, k, c, width)) * (w_std / np.sqrt(k * k * c))
+        b = rng.standard_normal(width) * b_std
+        a = np.maximum(_conv_same(x, w, b), 0.0)
+        if readout == "flatten":
+            feats = a.reshape(n, -1)
+            out[d] = feats @ feats.T / (width * h * wd)
+        else:
+            feats = a.mean(axis=(1, 2))
+            out[d] = feats @ feats.T / width
+    return out

@@ -179,3 +179,19 @@ def test_mismatched_specs_and_inputs_are_explained(spec, shape, message):
 def test_input_shapes_must_agree():
     with pytest.raises(ValueError, match="same shape per input"):
         lk.kernel("conv, relu, flatten, dense", np.ones((2, 4, 4, 1)), np.ones((2, 4, 5, 1)))
+
+
+@pytest.mark.parametrize("readout", ["flatten", "global_avg_pool"])
+def test_monte_carlo_over_finite_cnns(readout):
+    """The mean empirical NNGP of 400 finite CNNs (64 channels) at the readout's
+    input is unbiased for the limit (one hidden layer); the tolerance is 4
+    standard errors of the mean over draws, entry by entry."""
+    import mc_networks
+
+    x = np.random.default_rng(8).standard_normal((4, 5, 5, 2))
+    spec = f"conv(w_std=1.4, b_std=0.3), relu, {readout}, dense"
+    limit = lk.kernel(spec, x, get="nngp")["nngp"]
+    draws = mc_networks.conv_readout_nngp(x, 3, 1.4, 0.3, readout, 64, 400, seed=9)
+    mean = draws.mean(axis=0)
+    se = draws.std(axis=0, ddof=1) / np.sqrt(len(draws))
+    assert np.all(np.abs(mean - limit) <= 4 * se + 1e-12), (mean - limit) / se

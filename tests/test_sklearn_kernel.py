@@ -374,3 +374,22 @@ def test_without_scikit_learn(monkeypatch):
         k.theta = [0.0]
     with pytest.raises(TypeError):
         k + k  # combining kernels needs scikit-learn
+
+
+def test_images_through_input_shape_and_conv_scales():
+    """Flattened images with input_shape give the kernel of the images; σ_w and σ_b
+    replace those of conv layers too; the exact log σ_w gradient of a bias-free
+    ReLU CNN (2L·K, L = 3 conv and dense layers) matches a central difference."""
+    x = np.random.default_rng(0).standard_normal((5, 4, 4, 1))
+    spec = "conv, relu, avg_pool, conv, relu, global_avg_pool, dense"
+    k = lk.Kernel(spec, kind="nngp", w_std=1.3, input_shape=(4, 4, 1))
+    scaled = "conv(w_std=1.3), relu, avg_pool, conv(w_std=1.3), relu, global_avg_pool, " \
+             "dense(w_std=1.3)"
+    np.testing.assert_allclose(k(x.reshape(5, -1)), lk.kernel(scaled, x)["nngp"], rtol=1e-14)
+    K, grad = k(x.reshape(5, -1), eval_gradient=True)
+    up = lk.kernel(scaled.replace("1.3", repr(1.3 * np.exp(1e-5))), x)["nngp"]
+    down = lk.kernel(scaled.replace("1.3", repr(1.3 * np.exp(-1e-5))), x)["nngp"]
+    np.testing.assert_allclose(grad[..., 0], (up - down) / 2e-5, rtol=1e-8)
+    np.testing.assert_allclose(grad[..., 0], 6 * K, rtol=1e-14)
+    with pytest.raises(ValueError, match="input_shape"):
+        lk.Kernel(spec, input_shape=(4, 5, 1))(x.reshape(5, -1))
