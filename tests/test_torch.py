@@ -88,7 +88,7 @@ def test_scales_are_read_from_default_initialisation():
 
 
 @pytest.mark.parametrize("module, words", [
-    (nn.Conv1d(1, 1, 1), "Conv1d"),
+    (nn.MaxPool1d(2), "MaxPool1d"),
     (nn.GELU(approximate="tanh"), "GELU"),
     (nn.ELU(alpha=2.0), "ELU"),
     (nn.LayerNorm((4, 4)), "last axis"),
