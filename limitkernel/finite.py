@@ -414,6 +414,8 @@ class FiniteNetwork:
         """Inputs as float64, images and sequences as (N, H, W, C) (H = 1 for sequences)."""
         spatial = len(self.input_shape) > 1
         x = check_inputs(x, name, spatial=spatial)
+        if len(self.input_shape) == 2 and x.shape[1:] == (1,) + self.input_shape:
+            return x  # already checked
         if x.shape[1:] != self.input_shape:
             if not spatial:
                 raise ValueError(f"{name} has {x.shape[1]} features but the network was "

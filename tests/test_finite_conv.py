@@ -310,3 +310,67 @@ def test_sequences_images_and_vectors_are_told_apart():
     b = FiniteNetwork("dense, relu, dense", 4, input_shape=(3,), seed=1)
     x = np.ones((2, 3))
     np.testing.assert_array_equal(a(x), b(x))
+
+
+# ------------------------------------------------------------ against the limit: experiments
+
+
+def test_flow_on_images_equals_the_flow_on_vectors_of_the_same_network():
+    # On 1 × 1 images a conv with k = 1 is a dense layer on the channels, so the
+    # limiting Gaussian of "conv(k=1), relu, flatten, dense" on them is that of
+    # "dense, relu, dense" on the channel vectors, which GradientFlowEnsemble
+    # computes by its own path.
+    from limitkernel.experiments import flow_ensemble, flow_predict
+
+    rng = np.random.default_rng(0)
+    x, xt, y = rng.standard_normal((6, 3)), rng.standard_normal((4, 3)), rng.standard_normal((6, 2))
+    image = "conv(k=1, w_std=1.3, b_std=0.2), relu, flatten, dense(b_std=0.1)"
+    vector = "dense(w_std=1.3, b_std=0.2), relu, dense(b_std=0.1)"
+    ens = flow_ensemble(image, x[:, None, None, :], y, 0.7)
+    mean, var = flow_predict(ens, xt[:, None, None, :], 5.0)
+    ref = lk.GradientFlowEnsemble(vector, x, y, learning_rate=0.7).predict(
+        xt, t=5.0, get="ntk", cov="var")["ntk"]
+    np.testing.assert_allclose(mean, ref.mean, rtol=1e-10)
+    np.testing.assert_allclose(var, ref.var, rtol=1e-10)
+
+
+def test_compare_runs_the_three_experiments_on_sequences():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 5, 2)), rng.standard_normal(6)
+    spec = "conv(k=3, w_std=1.3, b_std=0.1), relu, conv(k=2, stride=2), relu, flatten, dense"
+    result = lk.compare(spec, x, y, x_test=x[:3], widths=(8, 32), seeds=3, steps=20,
+                        learning_rate=0.5, x_kernel=x[:4], n_jobs=1)
+    run = result.run(32)
+    assert run.init_distance.shape == (3,) and run.outputs.shape == (3, 3)
+    assert np.isfinite(result.init_slope) and 0 <= run.inside <= 1
+    # The recorded distance is that of a network built the same way.
+    net = FiniteNetwork(spec, 32, input_shape=(5, 2),
+                        seed=np.random.default_rng([0, 0, 32]))
+    theta = lk.kernel(spec, x[:4])["ntk"]
+    assert run.init_distance[0] == pytest.approx(
+        np.linalg.norm(net.ntk(x[:4]) - theta) / np.linalg.norm(theta), rel=1e-12)
+    sweep = lk.ntk_distance_at_init(spec, x[:4], widths=(8, 32), seeds=2, n_jobs=1)
+    assert sweep.distance.shape == (2, 2)
+
+
+def test_cli_compare_on_images(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "images.npz", x=rng.standard_normal((5, 4, 4, 1)),
+             y=rng.standard_normal(5))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "limitkernel.cli", "compare", "--arch",
+         "conv(k=3, w_std=1.2), relu, global_avg_pool, dense", "--data",
+         str(tmp_path / "images.npz"), "--widths", "8,16", "--seeds", "2", "--steps", "10",
+         "--lr", "0.5", "--kernel-inputs", "3", "--out-dir", str(out)],
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "log-log slope" in proc.stdout and (out / "summary.json").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "limitkernel.cli", "compare", "--arch", "conv, flatten, dense",
+         "--data", str(tmp_path / "images.npz"), "--kernel-inputs", "0"],
+        capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
