@@ -1,10 +1,12 @@
 """Finite-width networks: the same spec as the kernels, at a width you choose.
 
-A :class:`FiniteNetwork` is the real network that a spec describes: dense
-layers with random Gaussian parameters in the spec's parameterisation, and the
-spec's activations applied element-wise. It runs forward on a batch, computes
-its empirical NTK and NNGP exactly, and trains by full-batch gradient descent
-on the MSE or cross-entropy loss — everything in float64 GEMMs.
+A :class:`FiniteNetwork` is the real network that a spec describes: dense and
+conv layers with random Gaussian parameters in the spec's parameterisation,
+pooling and flatten as the kernels define them, and the spec's activations
+applied element-wise. It runs forward on a batch of vectors, images or
+sequences (channels last), computes its empirical NTK and NNGP exactly, and
+trains by full-batch gradient descent on the MSE or cross-entropy loss —
+everything in float64 GEMMs.
 
 Parameterisations (those of :mod:`limitkernel.gram`, i.e. Neural Tangents'):
 
@@ -13,7 +15,8 @@ Parameterisations (those of :mod:`limitkernel.gram`, i.e. Neural Tangents'):
 
 Both are written z = w_mul · a W + b_mul · b with the trained W, b and the fixed
 multipliers (w_mul, b_mul) = (σ_w/√n, σ_b) or (1, 1), n the layer's fan-in (the
-input dimension d for the first layer).
+input dimension d for the first layer; k_y·k_x·C for a conv layer, which is a
+dense layer on the patches of its input).
 """
 
 from __future__ import annotations
@@ -308,7 +311,7 @@ def _loss_and_gradient(f, targets, loss):
 
 
 class FiniteNetwork:
-    """A finite fully-connected network built from a spec.
+    """A finite network built from a spec: fully-connected or convolutional.
 
     Parameters
     ----------
@@ -316,25 +319,33 @@ class FiniteNetwork:
         The architecture, as for :func:`limitkernel.kernel`; it must end with a
         dense readout.
     width : int or sequence of int, optional
-        Width of every hidden dense layer (all dense layers but the readout), or
-        one width per hidden dense layer (depth first through blocks). Default:
-        the layers' ``width`` parameters (then required). With one int, the
-        dense layers of a residual branch take the block input's width and those
-        of concat branch b ``round(width · k · w_b / Σ w)``.
-    n_features : int
-        Input dimension d.
+        Width of every hidden dense layer (all dense layers but the readout) and
+        output channels of every conv layer, or one width per such layer (depth
+        first through blocks). Default: the layers' ``width`` parameters (then
+        required). With one int, the dense and conv layers of a residual branch
+        take the block input's width and those of concat branch b
+        ``round(width · k · w_b / Σ w)``.
+    n_features : int, optional
+        Input dimension d of vectors (the same as ``input_shape=(d,)``).
     n_outputs : int
         Width c of the readout.
     seed : int, None or numpy.random.Generator
         Source of the initial parameters (drawn layer by layer, W then b).
+    input_shape : tuple of int, optional
+        Shape of one input: (d,) for vectors, (L, C) for sequences, (H, W, C)
+        for images — channels last, as for :func:`limitkernel.kernel`. Give
+        this or ``n_features``.
 
     Attributes
     ----------
     widths : tuple of int
-        Hidden widths.
+        Hidden widths (dense widths and conv output channels).
+    input_shape : tuple of int
     dense : list
-        Per dense layer, an object with the trained arrays ``w`` (fan_in,
-        fan_out) and ``b`` (fan_out,) and the multipliers ``w_mul``, ``b_mul``.
+        Per dense or conv layer, an object with the trained arrays ``w``
+        (fan_in, fan_out) and ``b`` (fan_out,) and the multipliers ``w_mul``,
+        ``b_mul``; a conv layer's ``w`` is (k_y·k_x·C_in, C_out), rows in
+        (tap row, tap column, input channel) order.
 
     Notes
     -----
@@ -350,6 +361,17 @@ class FiniteNetwork:
     with (w_mul², b_mul²) = (σ_w²/n, σ_b²) in the NTK and (1, 1) in the standard
     parameterisation: two Gram matrices per layer and one backward pass per
     output unit.
+
+    A layer whose weights act at P positions (a conv layer on the patches
+    a_p of its input, or a dense layer on positions) contributes
+    Σ_{p,q} (w_mul² a_p(x)·a_q(x') + b_mul²) δ_p(x)·δ_q(x'), computed exactly
+    by whichever of two forms costs fewer flops (fan-in n, fan-out m, c
+    outputs, N × M inputs): per-example gradients w_mul Σ_p a_p ⊗ δ_p and
+    their inner products, O((N + M)·c·P·n·m + N·M·c²·n·m), or Gram matrices
+    over positions, O(N·M·P²·(n + c²·m)); both in blocks of inputs with at most
+    256 MiB of scratch, never a Jacobian of the whole network. For a conv
+    layer n = k_y·k_x·C_in and P its output positions; its forward pass, input
+    signal and gradient step are those of a dense layer on the patches.
 
     Blocks: ``residual`` is α·x + β·f(x), ``parallel`` the sum and ``concat``
     the concatenation of its branches; ``layernorm`` normalises over the

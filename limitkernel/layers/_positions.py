@@ -3,56 +3,117 @@ empirical NTK of a layer whose weights are shared across positions.
 
 Activations of a finite network on images or sequences are (N, H, W, C) arrays,
 channels last (a sequence is an image of height 1), and backward signals
-(N, r, H, W, C). The index maps of a spatial op are those of the lowered
-program (:func:`limitkernel.layers.conv.axis_map`): ``my`` (H_out, k_y) and
-``mx`` (W_out, k_x) give the input row and column of each output position and
-tap, −1 for a zero of the padding.
+(N, r, H, W, C). The taps of a spatial op are those of the lowered program's
+index maps (:func:`limitkernel.layers.conv.axis_map`), read as strided slices
+of the padded input (:class:`Window`).
 """
 
 import numpy as np
 
 from .dense import DenseParams, mm
 
-__all__ = ["ConvParams", "gather", "maps", "scatter", "shared_layer_ntk"]
+__all__ = ["ConvParams", "Window", "gather", "scatter", "shared_layer_ntk", "window_sum"]
 
 # Largest scratch array of the NTK of a shared layer, in float64 entries (256 MiB).
 _BUDGET = 1 << 25
 
 
-def maps(program, geometry):
-    """The index maps ``(my, mx)`` of a spatial op of ``program``."""
-    hi, wi, ho, wo, ky, kx, oy, ox = (int(v) for v in program.geo[geometry][:8])
-    my = program.imap[oy:oy + ho * ky].reshape(ho, ky)
-    mx = program.imap[ox:ox + wo * kx].reshape(wo, kx)
-    return my, mx
+class Window:
+    """Where the taps of a spatial op read its input, as strided slices of the
+    padded input.
 
-
-def gather(h, my, mx):
-    """Taps of every output position: (N, H, W, C) → (N, H_out, W_out, k_y, k_x, C).
-
-    Padding zeros are read from a row and column of zeros appended at the end,
-    which index −1 reaches.
+    The index maps of the lowered program (``my`` (H_out, k_y), ``mx``
+    (W_out, k_x), input index or −1 for a padding zero; circular padding wraps)
+    become, after padding the input by (before, after) rows and columns —
+    zeros, or the wrapped-around input for circular padding — the slices
+    ``start = tap, step = stride``: tap t of output o reads padded index
+    o·stride + t. The construction checks that against the maps.
     """
-    if (my < 0).any() or (mx < 0).any():
-        h = np.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return h[:, my[:, None, :, None], mx[None, :, None, :], :]
+
+    def __init__(self, program, geometry, circular):
+        hi, wi, ho, wo, ky, kx, oy, ox, sy, sx = (int(v) for v in program.geo[geometry][:10])
+        my = program.imap[oy:oy + ho * ky].reshape(ho, ky)
+        mx = program.imap[ox:ox + wo * kx].reshape(wo, kx)
+        self.shape_in, self.shape_out = (hi, wi), (ho, wo)
+        self.k, self.stride, self.circular = (ky, kx), (sy, sx), circular
+        self.pads = (_pads(my, hi, sy, circular), _pads(mx, wi, sx, circular))
+
+    def slices(self):
+        """(tap row, tap column, index of the padded input) for every tap."""
+        (ho, wo), (sy, sx) = self.shape_out, self.stride
+        for ty in range(self.k[0]):
+            for tx in range(self.k[1]):
+                yield ty, tx, (slice(ty, ty + sy * (ho - 1) + 1, sy),
+                               slice(tx, tx + sx * (wo - 1) + 1, sx))
+
+    def pad(self, h):
+        """(N, H, W, C) → the padded (N, H_p, W_p, C)."""
+        (by, ay), (bx, ax) = self.pads
+        if not (by or ay or bx or ax):
+            return h
+        return np.pad(h, ((0, 0), (by, ay), (bx, ax), (0, 0)),
+                      mode="wrap" if self.circular else "constant")
+
+    def unpad(self, g):
+        """The adjoint of :meth:`pad` on signals (N, r, H_p, W_p, C) → (N, r, H, W, C)."""
+        for axis, (before, _), size in zip((2, 3), self.pads, self.shape_in):
+            g = np.moveaxis(g, axis, 0)
+            out = g[before:before + size].copy()
+            if self.circular:
+                for i in list(range(before)) + list(range(before + size, g.shape[0])):
+                    out[(i - before) % size] += g[i]
+            g = np.moveaxis(out, 0, axis)
+        return g
+
+    def padded_shape(self):
+        return tuple(size + b + a for size, (b, a) in zip(self.shape_in, self.pads))
 
 
-def scatter(taps, my, mx, shape):
+def _pads(m, size, stride, circular):
+    """(before, after) padding along one axis such that tap t of output o reads
+    padded index o·stride + t, checked against the index map ``m``."""
+    out, k = m.shape
+    if circular or (m < 0).any():
+        before = max((out - 1) * stride + k - size, 0) // 2
+    else:
+        before = 0
+    after = max((out - 1) * stride + k - before - size, 0)
+    index = np.arange(out)[:, None] * stride + np.arange(k)[None, :] - before
+    expected = index % size if circular else np.where((index >= 0) & (index < size), index, -1)
+    if not np.array_equal(expected, m):
+        raise RuntimeError("the index map of a spatial op is not a strided window")
+    return before, after
+
+
+def gather(h, window):
+    """Taps of every output position: (N, H, W, C) → (N, H_out, W_out, k_y, k_x, C)."""
+    hp = window.pad(h)
+    (ho, wo), (ky, kx) = window.shape_out, window.k
+    out = np.empty((h.shape[0], ho, wo, ky, kx, h.shape[3]))
+    for ty, tx, (rows, cols) in window.slices():
+        out[:, :, :, ty, tx, :] = hp[:, rows, cols, :]
+    return out
+
+
+def window_sum(h, window):
+    """Σ over the taps of each output position: (N, H, W, C) → (N, H_out, W_out, C)."""
+    hp = window.pad(h)
+    out = None
+    for _, _, (rows, cols) in window.slices():
+        out = hp[:, rows, cols, :].copy() if out is None else out + hp[:, rows, cols, :]
+    return out
+
+
+def scatter(taps, window):
     """The adjoint of :func:`gather` on signals: (N, r, H_out, W_out, k_y, k_x, C)
-    summed into (N, r, H, W, C), ``shape`` = (H, W).
-
-    Within one tap distinct outputs read distinct inputs (or the padding, which
-    is dropped), so each tap is one vectorised add.
-    """
-    n, r = taps.shape[:2]
-    c = taps.shape[-1]
-    out = np.zeros((n, r, shape[0] + 1, shape[1] + 1, c))
-    for ty in range(my.shape[1]):
-        rows = my[:, ty][:, None]
-        for tx in range(mx.shape[1]):
-            out[:, :, rows, mx[:, tx][None, :], :] += taps[:, :, :, :, ty, tx, :]
-    return out[:, :, :shape[0], :shape[1], :]
+    summed into (N, r, H, W, C); a (N, r, H_out, W_out, C) array is the same
+    signal at every tap (the adjoint of :func:`window_sum`)."""
+    n, r, c = taps.shape[0], taps.shape[1], taps.shape[-1]
+    out = np.zeros((n, r) + window.padded_shape() + (c,))
+    shared = taps.ndim == 5
+    for ty, tx, (rows, cols) in window.slices():
+        out[:, :, rows, cols, :] += taps if shared else taps[:, :, :, :, ty, tx, :]
+    return window.unpad(out)
 
 
 class ConvParams(DenseParams):

@@ -40,7 +40,7 @@ import numpy as np
 from .._numba import jit
 from .._program import OpKind
 from ..spec import PARAMETERIZATIONS, Layer, SpecError, register
-from ._positions import ConvParams, gather, maps, scatter
+from ._positions import ConvParams, Window, gather, scatter, window_sum
 
 __all__ = [
     "OP_AVG_POOL",
@@ -235,7 +235,8 @@ class Conv(_Spatial):
         raise RuntimeError("the finite width of a conv layer is set by the network")
 
     def finite_forward(self, op, params, h, run):
-        taps = gather(h, *maps(run.program, op.params["geometry"]))
+        window = Window(run.program, op.params["geometry"], self.padding == "circular")
+        taps = gather(h, window)
         patches = taps.reshape(taps.shape[:3] + (-1,))
         return params(patches), (patches if run.keep else None)
 
@@ -243,9 +244,8 @@ class Conv(_Spatial):
         d_in = run.dense(params, record, delta)
         if d_in is None:
             return None
-        my, mx = maps(run.program, op.params["geometry"])
-        taps = d_in.reshape(d_in.shape[:4] + (my.shape[1], mx.shape[1], -1))
-        return scatter(taps, my, mx, op.shape)
+        window = Window(run.program, op.params["geometry"], self.padding == "circular")
+        return scatter(d_in.reshape(d_in.shape[:4] + window.k + (-1,)), window)
 
 
 @register
@@ -288,16 +288,14 @@ class AvgPool(_Spatial):
     # ------------------------------------------------------------ finite network
 
     def finite_forward(self, op, params, h, run):
-        taps = gather(h, *maps(run.program, op.params["geometry"]))
-        return taps.mean(axis=(3, 4)), None
+        window = Window(run.program, op.params["geometry"], False)
+        out = window_sum(h, window)
+        out /= window.k[0] * window.k[1]
+        return out, None
 
     def finite_backward(self, op, params, delta, record, run):
-        my, mx = maps(run.program, op.params["geometry"])
-        ky, kx = my.shape[1], mx.shape[1]
-        share = delta / (ky * kx)
-        taps = np.broadcast_to(share[:, :, :, :, None, None, :],
-                               share.shape[:4] + (ky, kx, share.shape[-1]))
-        return scatter(taps, my, mx, op.shape)
+        window = Window(run.program, op.params["geometry"], False)
+        return scatter(delta / (window.k[0] * window.k[1]), window)
 
 
 @register
