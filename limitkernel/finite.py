@@ -30,7 +30,16 @@ from scipy.linalg.blas import dsyrk
 
 from ._program import Program
 from .gram import check_inputs
-from .layers import AvgPool, Concat, Conv, Dense, Flatten, GlobalAvgPool, Parallel, Residual
+from .layers import (
+    AvgPool,
+    Concat,
+    Conv,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Parallel,
+    Residual,
+)
 from .layers._positions import shared_layer_ntk
 from .layers.conv import axis_map
 from .layers.dense import mm as _mm

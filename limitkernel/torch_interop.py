@@ -53,8 +53,16 @@ import warnings
 import numpy as np
 
 from .finite import _spatial_out
-from .layers import AvgPool, Conv, Dense, Dropout, Flatten, GlobalAvgPool, LayerNorm, \
-    get_activation
+from .layers import (
+    AvgPool,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    LayerNorm,
+    get_activation,
+)
 from .layers import Concat as _ConcatSpec
 from .layers import Parallel as _ParallelSpec
 from .layers import Residual as _ResidualSpec
