@@ -290,9 +290,14 @@ def _cmd_compare(args):
         raise CLIError(f"--y-columns must be at least 1, got {args.y_columns}")
     x, y = load_training(args.data, args.y_columns)
     x_test = load_array(args.test, "x") if args.test else None
+    x_kernel = None
+    if args.kernel_inputs is not None:
+        if args.kernel_inputs < 1:
+            raise CLIError(f"--kernel-inputs must be at least 1, got {args.kernel_inputs}")
+        x_kernel = np.asarray(x)[:args.kernel_inputs]
     _announce_compilation()
     run_compare(spec, x, y, x_test, widths, args.seeds, args.steps, args.lr, args.out_dir,
-                diag_reg=args.diag_reg, torch_model=model)
+                diag_reg=args.diag_reg, torch_model=model, x_kernel=x_kernel)
 
 
 def _load_torch_model(path):
@@ -527,9 +532,14 @@ def build_parser():
                                   "--torch-model)")
     p.add_argument("--data", required=True,
                    help="training data: .npz with arrays x and y, or a .csv/.npy table "
-                        "whose last --y-columns columns are y")
+                        "whose last --y-columns columns are y; for a convolutional spec "
+                        "a .npz whose x holds images (n, H, W, C) or sequences (n, L, C), "
+                        "channels last")
     p.add_argument("--test", help="test inputs for the output comparison (default: the "
                                   "training inputs)")
+    p.add_argument("--kernel-inputs", type=int, metavar="K",
+                   help="compare the NTKs on the first K training inputs only (default: "
+                        "all; the empirical NTK of a CNN costs more than its training)")
     p.add_argument("--y-columns", type=int, default=1,
                    help="number of target columns at the end of a training table (default 1)")
     p.add_argument("--widths", default="64,256,1024",

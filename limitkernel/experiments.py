@@ -34,7 +34,7 @@ from scipy.special import ndtri
 
 from ._io import atomic_path
 from .finite import FiniteNetwork, limit_spec
-from .gram import check_inputs, kernel
+from .gram import check_inputs, kernel, kernel_diag
 from .predict import GradientFlowEnsemble
 from .spec import as_spec
 
@@ -271,8 +271,9 @@ def ntk_distance_at_init(spec, x, widths, seeds=10, seed=0, n_outputs=1, progres
     Parameters
     ----------
     spec : str or Serial
-    x : (P, d) array_like
-        Inputs on which both kernels are compared.
+    x : (P, d), (P, L, C) or (P, H, W, C) array_like
+        Inputs on which both kernels are compared: vectors, or sequences and
+        images channels last for a convolutional spec.
     widths : sequence of int
     seeds : int
         Networks per width.
@@ -292,20 +293,22 @@ def ntk_distance_at_init(spec, x, widths, seeds=10, seed=0, n_outputs=1, progres
     """
     start = time.perf_counter()
     spec = as_spec(spec)
-    x = check_inputs(x, "x")
+    x = check_inputs(x, "x", spatial=True)
+    shape = x.shape[1:]
     widths, seeds = _check_widths(widths), _check_seeds(seeds)
     bar = _progress(len(widths) * seeds, progress, "init NTK")
     distance = np.empty((len(widths), seeds))
     limits = {}
     try:
         for i, width in enumerate(widths):
-            key = str(limit_spec(spec, width, x.shape[1]))
+            key = str(limit_spec(spec, width, input_shape=shape))
             if key not in limits:
-                theta = kernel(limit_spec(spec, width, x.shape[1]), x, get="ntk")["ntk"]
+                theta = kernel(limit_spec(spec, width, input_shape=shape), x,
+                               get="ntk")["ntk"]
                 limits[key] = _limit_like(theta, n_outputs)
 
             def task(s, width=width, theta=limits[key]):
-                net = FiniteNetwork(spec, width, x.shape[1], n_outputs,
+                net = FiniteNetwork(spec, width, n_outputs=n_outputs, input_shape=shape,
                                     seed=_seed(seed, s, width))
                 return _relative_distance(net.ntk(x), theta)
 
@@ -469,22 +472,28 @@ def compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5
     spec : str or Serial or None
         The architecture (as for :func:`limitkernel.kernel`); None takes that of
         ``torch_model``.
-    x_train : (N, d) array_like
+    x_train : (N, d), (N, L, C) or (N, H, W, C) array_like
+        Vectors, or for a convolutional spec sequences or images, channels last
+        (Neural Tangents' layout; a torch model's inputs are converted to its
+        channels-first layout).
     y_train : (N,) or (N, c) array_like
         Regression targets (MSE loss, ½·mean over the N·c targets).
-    x_test : (M, d) array_like, optional
-        Inputs for experiment 3; default the training inputs.
+    x_test : (M, ...) array_like, optional
+        Inputs for experiment 3, shaped like x_train; default the training inputs.
     widths : sequence of int
-        Hidden widths (one per network, shared by its hidden layers).
+        Hidden widths (one per network, shared by its hidden dense layers and
+        the output channels of its conv layers).
     seeds : int
         Networks per width.
     steps : int
         Full-batch gradient-descent steps; the limit is evaluated at t = steps
         with the same learning rate (:mod:`limitkernel.predict`'s convention).
     learning_rate : float
-    x_kernel : (P, d) array_like, optional
+    x_kernel : (P, ...) array_like, optional
         Inputs on which the NTKs are compared (experiments 1 and 2); default the
-        training inputs. Θ(x_kernel[0], ·) is kept for plots.
+        training inputs. For a CNN the empirical NTK costs more than its
+        training steps (see :class:`limitkernel.FiniteNetwork`), so a few dozen
+        inputs are usually enough here. Θ(x_kernel[0], ·) is kept for plots.
     seed : int
         Base seed; network s at width n uses ``default_rng([seed, s, n])``.
     diag_reg : float
@@ -530,18 +539,22 @@ def compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5
     if spec is None and torch_spec is None:
         raise ValueError("give a spec, or a torch_model whose spec to use")
     spec = torch_spec if spec is None else as_spec(spec)
-    x_train = check_inputs(x_train, "x_train")
+    x_train = check_inputs(x_train, "x_train", spatial=True)
     y = np.asarray(y_train, dtype=np.float64)
     if y.ndim not in (1, 2) or y.shape[0] != x_train.shape[0]:
         raise ValueError(f"y_train must have shape ({x_train.shape[0]},) or "
                          f"({x_train.shape[0]}, c), got {y.shape}")
     n_outputs = 1 if y.ndim == 1 else y.shape[1]
-    x_test = x_train if x_test is None else check_inputs(x_test, "x_test")
-    x_kernel = x_train if x_kernel is None else check_inputs(x_kernel, "x_kernel")
+    x_test = x_train if x_test is None else check_inputs(x_test, "x_test", spatial=True)
+    x_kernel = x_train if x_kernel is None else check_inputs(x_kernel, "x_kernel",
+                                                               spatial=True)
     for name, arr in (("x_test", x_test), ("x_kernel", x_kernel)):
-        if arr.shape[1] != x_train.shape[1]:
-            raise ValueError(f"{name} has {arr.shape[1]} features but x_train has "
-                             f"{x_train.shape[1]}")
+        if arr.shape[1:] != x_train.shape[1:]:
+            what = "features" if x_train.ndim == 2 == arr.ndim else "input shape"
+            got = (arr.shape[1], x_train.shape[1]) if what == "features" else \
+                (arr.shape[1:], x_train.shape[1:])
+            raise ValueError(f"{name} has {got[0]} {what} but x_train has {got[1]}; give "
+                             "inputs of one shape")
     widths, seeds = _check_widths(widths), _check_seeds(seeds)
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -569,13 +582,16 @@ def _torch_row(model, spec, x_kernel):
     """The torch model's empirical NTK on x_kernel against the limit of its spec."""
     from .torch_interop import empirical_ntk_torch
 
-    n_in = getattr(next((m for m in model.modules() if hasattr(m, "in_features")), None),
-                   "in_features", None)
-    if n_in is not None and n_in != x_kernel.shape[1]:
-        raise ValueError(f"the torch model takes {n_in} input features but the data has "
-                         f"{x_kernel.shape[1]}; give data of the model's input dimension")
+    attr = "in_features" if x_kernel.ndim == 2 else "in_channels"
+    n_in = getattr(next((m for m in model.modules() if hasattr(m, attr)), None), attr, None)
+    if n_in is not None and n_in != x_kernel.shape[-1]:
+        what = "input features" if attr == "in_features" else "input channels"
+        raise ValueError(f"the torch model takes {n_in} {what} but the data has "
+                         f"{x_kernel.shape[-1]}; give data of the model's input shape "
+                         "(channels last)")
     theta = kernel(spec, x_kernel, get="ntk")["ntk"]
-    empirical = empirical_ntk_torch(model, x_kernel)
+    # The data is channels last; a torch model's convolutions take channels first.
+    empirical = empirical_ntk_torch(model, x_kernel, channels_last=x_kernel.ndim > 2)
     return {"spec": str(spec), "init_distance": _relative_distance(empirical, theta),
             "n_params": int(sum(p.numel() for p in model.parameters())),
             "ntk_row": _row(empirical), "limit_row": _row(theta)}
@@ -587,8 +603,7 @@ def _limit(limit_spec, x_train, y, x_test, x_kernel, steps, learning_rate, diag_
     key = str(limit_spec)
     if key not in cache:
         theta = kernel(limit_spec, x_kernel, get="ntk")["ntk"]
-        ensemble = GradientFlowEnsemble(limit_spec, x_train, y, learning_rate=learning_rate,
-                                        diag_reg=diag_reg)
+        ensemble = flow_ensemble(limit_spec, x_train, y, learning_rate, diag_reg)
         top = float(np.linalg.eigvalsh(ensemble.train_kernel("ntk"))[-1])
         ratio = top * ensemble.time_scale()
         if ratio >= 2.0:
@@ -597,21 +612,56 @@ def _limit(limit_spec, x_train, y, x_test, x_kernel, steps, learning_rate, diag_
                 f"limiting model diverges when η·λ_max(Θ)/(N·c) >= 2, here {ratio:.3g} "
                 f"(λ_max = {top:.3g}); use a learning rate below "
                 f"{2.0 / ensemble.time_scale() / top * learning_rate:.3g}")
-        pred = ensemble.predict(x_test, t=float(steps), get="ntk", cov="var")["ntk"]
-        sd = np.sqrt(np.maximum(pred.var, 0.0))
-        if pred.mean.ndim == 2:
+        mean, var = flow_predict(ensemble, x_test, float(steps))
+        sd = np.sqrt(np.maximum(var, 0.0))
+        if mean.ndim == 2:
             sd = sd[:, None]
-        cache[key] = (_limit_like(theta, n_outputs), pred.mean, sd)
+        cache[key] = (_limit_like(theta, n_outputs), mean, sd)
     return cache[key]
+
+
+def flow_ensemble(spec, x_train, y, learning_rate, diag_reg=0.0):
+    """A :class:`GradientFlowEnsemble` for vectors, images or sequences.
+
+    The ensemble checks for vectors (N, d); for images and sequences it is built
+    on the flattened inputs (which only its duplicate check sees) with its
+    training kernels computed from the inputs as they are, and
+    :func:`flow_predict` supplies the test kernels the same way.
+    """
+    x_train = np.asarray(x_train, dtype=np.float64)
+    if x_train.ndim == 2:
+        return GradientFlowEnsemble(spec, x_train, y, learning_rate=learning_rate,
+                                    diag_reg=diag_reg)
+    ensemble = GradientFlowEnsemble(spec, x_train.reshape(len(x_train), -1), y,
+                                    learning_rate=learning_rate, diag_reg=diag_reg)
+    ensemble._train.update(kernel(ensemble.spec, x_train, get=("nngp", "ntk")))
+    ensemble.images = x_train
+    return ensemble
+
+
+def flow_predict(ensemble, x_test, t):
+    """Mean (M,) or (M, c) and variance (M,) of the ensemble's outputs at time t."""
+    images = getattr(ensemble, "images", None)
+    if images is None:
+        pred = ensemble.predict(x_test, t=t, get="ntk", cov="var")["ntk"]
+        return pred.mean, pred.var
+    # The ensemble's own solver on kernels of the inputs as they are.
+    cross = {k: v.T for k, v in kernel(ensemble.spec, x_test, images).items()}
+    prior = kernel_diag(ensemble.spec, x_test, get="nngp")["nngp"]
+    mean, _, var = ensemble._predict_eigh("ntk", np.array([float(t)]), cross, prior, "var")
+    mean = mean[0]
+    return (mean[:, 0] if ensemble.y_train.ndim == 1 else mean), var[0]
 
 
 def _run_width(spec, x_train, y, x_test, x_kernel, width, seeds, steps, learning_rate,
                seed, diag_reg, n_outputs, cache, bar, n_jobs):
-    theta, mean, sd = _limit(limit_spec(spec, width, x_train.shape[1]), x_train, y, x_test, x_kernel, steps,
-                             learning_rate, diag_reg, n_outputs, cache)
+    shape = x_train.shape[1:]
+    theta, mean, sd = _limit(limit_spec(spec, width, input_shape=shape), x_train, y, x_test,
+                             x_kernel, steps, learning_rate, diag_reg, n_outputs, cache)
 
     def task(s):
-        net = FiniteNetwork(spec, width, x_train.shape[1], n_outputs, seed=_seed(seed, s, width))
+        net = FiniteNetwork(spec, width, n_outputs=n_outputs, input_shape=shape,
+                            seed=_seed(seed, s, width))
         hist = net.train(x_train, y, steps, learning_rate, x_test=x_test,
                          record_at=(0, steps), ntk_x=x_kernel)
         ntk0, ntk1 = hist.ntk[0], hist.ntk[-1]
@@ -820,7 +870,7 @@ def run_demo(out_dir="limitkernel-demo", scale="laptop", spec=DEMO_SPEC, points=
 
 def run_compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), seeds=5,
                 steps=1000, learning_rate=1.0, out_dir="limitkernel-compare", diag_reg=0.0,
-                progress=True, echo=print, torch_model=None):
+                progress=True, echo=print, torch_model=None, x_kernel=None):
     """``limitkernel compare``: run :func:`compare`, print its table, write files.
 
     Writes ``summary.json`` and, with matplotlib, ``ntk_rows.png``,
@@ -830,7 +880,8 @@ def run_compare(spec, x_train, y_train, x_test=None, widths=(64, 256, 1024), see
 
     _prepare_dir(out_dir)
     result = compare(spec, x_train, y_train, x_test, widths, seeds, steps, learning_rate,
-                     diag_reg=diag_reg, progress=progress, torch_model=torch_model,
+                     x_kernel=x_kernel, diag_reg=diag_reg, progress=progress,
+                     torch_model=torch_model,
                      title="" if spec is None else f"{as_spec(spec)}")
     echo(result.table())
 

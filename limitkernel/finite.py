@@ -1,10 +1,12 @@
 """Finite-width networks: the same spec as the kernels, at a width you choose.
 
-A :class:`FiniteNetwork` is the real network that a spec describes: dense
-layers with random Gaussian parameters in the spec's parameterisation, and the
-spec's activations applied element-wise. It runs forward on a batch, computes
-its empirical NTK and NNGP exactly, and trains by full-batch gradient descent
-on the MSE or cross-entropy loss — everything in float64 GEMMs.
+A :class:`FiniteNetwork` is the real network that a spec describes: dense and
+conv layers with random Gaussian parameters in the spec's parameterisation,
+pooling and flatten as the kernels define them, and the spec's activations
+applied element-wise. It runs forward on a batch of vectors, images or
+sequences (channels last), computes its empirical NTK and NNGP exactly, and
+trains by full-batch gradient descent on the MSE or cross-entropy loss —
+everything in float64 GEMMs.
 
 Parameterisations (those of :mod:`limitkernel.gram`, i.e. Neural Tangents'):
 
@@ -13,7 +15,8 @@ Parameterisations (those of :mod:`limitkernel.gram`, i.e. Neural Tangents'):
 
 Both are written z = w_mul · a W + b_mul · b with the trained W, b and the fixed
 multipliers (w_mul, b_mul) = (σ_w/√n, σ_b) or (1, 1), n the layer's fan-in (the
-input dimension d for the first layer).
+input dimension d for the first layer; k_y·k_x·C for a conv layer, which is a
+dense layer on the patches of its input).
 """
 
 from __future__ import annotations
@@ -27,7 +30,18 @@ from scipy.linalg.blas import dsyrk
 
 from ._program import Program
 from .gram import check_inputs
-from .layers import Concat, Dense, Parallel, Residual
+from .layers import (
+    AvgPool,
+    Concat,
+    Conv,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Parallel,
+    Residual,
+)
+from .layers._positions import shared_layer_ntk
+from .layers.conv import axis_map
 from .layers.dense import mm as _mm
 from .spec import Block, Serial, SpecError, as_spec
 
@@ -84,23 +98,63 @@ class TrainingHistory:
         return self.steps.astype(np.float64)
 
 
-def limit_spec(spec, width, n_features=None):
+def limit_spec(spec, width, n_features=None, input_shape=None):
     """The spec whose :func:`limitkernel.kernel` is the limit of networks of this width.
 
     In the standard parameterisation the NTK depends on the widths, so every
-    standard hidden dense layer gets its width (``width``: one int, or one per
-    hidden dense layer, depth first through blocks, as for
+    standard hidden dense or conv layer gets its width (``width``: one int, or
+    one per hidden dense or conv layer, depth first through blocks, as for
     :class:`FiniteNetwork`); NTK-parameterised layers are unchanged.
-    ``n_features`` is needed only when a residual block comes before the first
-    dense layer (its branch then has the input's width).
+    ``n_features`` (or ``input_shape``, for images and sequences) is needed
+    only when a residual block comes before the first dense or conv layer, or
+    after a flatten (its branch then has the width of the block input).
     """
-    return _Sizing(as_spec(spec), width, n_features, None).limit
+    shape = _input_shape(n_features, input_shape, required=False)
+    return _Sizing(as_spec(spec), width, shape, None).limit
+
+
+def _input_shape(n_features, input_shape, required=True):
+    """The input shape, (d,), (L, C) or (H, W, C), from either argument."""
+    def positive(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float, np.integer)) \
+            and v == int(v) and v >= 1
+
+    if input_shape is not None:
+        shape = (input_shape,) if np.ndim(input_shape) == 0 else tuple(input_shape)
+        if not 1 <= len(shape) <= 3 or not all(positive(v) for v in shape):
+            raise ValueError(f"input_shape must be (d,) for vectors, (L, C) for sequences "
+                             f"or (H, W, C) for images (channels last), positive integers; "
+                             f"got {input_shape!r}")
+        shape = tuple(int(v) for v in shape)
+        if n_features is not None and (len(shape) > 1 or n_features != shape[0]):
+            raise ValueError(f"n_features={n_features!r} disagrees with input_shape="
+                             f"{shape}; give input_shape only")
+        return shape
+    if n_features is None and not required:
+        return None
+    if not positive(n_features):
+        raise ValueError(f"n_features must be a positive integer (the input dimension d), "
+                         f"got {n_features!r}; for images or sequences give "
+                         "input_shape=(H, W, C) or (L, C)")
+    return (int(n_features),)
+
+
+def _spatial_out(layer, shape, where):
+    """Spatial shape (H, W) after a conv or avg_pool layer (None if it does not fit;
+    lowering then says why)."""
+    k = layer._sizes("k", shape, where)
+    stride = k if isinstance(layer, AvgPool) and layer.stride is None else \
+        layer._sizes("stride", shape, where)
+    rows = axis_map(shape[0], k[0], stride[0], layer.padding) if shape[0] > 1 or k[0] > 1 \
+        else np.zeros((1, 1))
+    cols = axis_map(shape[1], k[1], stride[1], layer.padding)
+    return None if rows is None or cols is None else (rows.shape[0], cols.shape[0])
 
 
 def _count_dense(layers):
     count = 0
     for layer in layers:
-        if isinstance(layer, Dense):
+        if isinstance(layer, (Dense, Conv)):
             count += 1
         elif isinstance(layer, Block):
             count += sum(_count_dense(b.layers) for b in layer.branches)
@@ -111,16 +165,18 @@ class _Sizing:
     """Walks a spec with blocks depth first: the hidden widths and the limit spec.
 
     Widths (as in the Monte Carlo reference of the tests): with one int ``width``
-    every hidden dense layer has that width, except inside a residual branch,
-    whose dense layers have the block input's width (so the skip connection
-    adds up), and inside ``concat``, whose branch b has width
-    ``round(width · k · w_b / Σ w)`` (k branches; the limit weighs the branches
-    by these shares). With a list, one width per hidden dense layer, depth
-    first; without ``width``, the layers' own ``width`` parameters. The order is
-    that of the dense ops of the lowered program.
+    every hidden dense layer (and every conv layer: its output channels) has
+    that width, except inside a residual branch, whose dense and conv layers
+    have the block input's width (so the skip connection adds up), and inside
+    ``concat``, whose branch b has width ``round(width · k · w_b / Σ w)`` (k
+    branches; the limit weighs the branches by these shares). With a list, one
+    width per hidden dense or conv layer, depth first; without ``width``, the
+    layers' own ``width`` parameters. The order is that of the dense and conv
+    ops of the lowered program. ``input_shape`` is (d,), (L, C) or (H, W, C),
+    or None when unknown.
     """
 
-    def __init__(self, spec, width, n_features, n_outputs):
+    def __init__(self, spec, width, input_shape, n_outputs):
         layers = list(spec.layers)
         n_hidden = _count_dense(layers) - 1
         self.explicit = _check_widths(width, n_hidden) if np.ndim(width) else None
@@ -128,6 +184,9 @@ class _Sizing:
         self._next = iter(self.explicit or ())
         self.n_outputs = n_outputs
         self.widths = []
+        n_features = None if input_shape is None else input_shape[-1]
+        self.shape = None if input_shape is None or len(input_shape) == 1 else \
+            ((1,) + tuple(input_shape[:1]) if len(input_shape) == 2 else tuple(input_shape[:2]))
         fan_in, limit_layers = self._walk(layers, n_features, self.scalar, "", top=True)
         self.limit = Serial(limit_layers)
         self.out_width = fan_in
@@ -138,11 +197,12 @@ class _Sizing:
         if self.scalar is not None:
             if default is None:
                 raise ValueError(f"{where}: a residual block before the first dense layer "
-                                 "has the input's width; pass n_features=...")
+                                 "has the input's width; pass n_features=... (or "
+                                 "input_shape=...)")
             return int(default)
         if layer.width is None:
-            raise ValueError(f"give width=... (one int, or one per hidden dense layer): "
-                             f"{where} has no width")
+            raise ValueError(f"give width=... (one int, or one per hidden dense or conv "
+                             f"layer): {where} has no width")
         return int(layer.width)
 
     def _walk(self, layers, fan_in, default, path, top=False):
@@ -158,6 +218,23 @@ class _Sizing:
                     if layer.parameterization == "standard":
                         layer = Dense(layer.w_std, layer.b_std, "standard", fan_out)
                 fan_in = fan_out
+            elif isinstance(layer, Conv):
+                fan_out = self._width(layer, default, where)
+                self.widths.append(fan_out)
+                if self.shape is not None:
+                    self.shape = _spatial_out(layer, self.shape, where)
+                if layer.parameterization == "standard":
+                    layer = Conv(**{**layer.params, "width": fan_out})
+                fan_in = fan_out
+            elif isinstance(layer, AvgPool):
+                if self.shape is not None:
+                    self.shape = _spatial_out(layer, self.shape, where)
+            elif isinstance(layer, Flatten):
+                fan_in = None if fan_in is None or self.shape is None else \
+                    fan_in * self.shape[0] * self.shape[1]
+                self.shape = None
+            elif isinstance(layer, GlobalAvgPool):
+                self.shape = None
             elif isinstance(layer, Residual):
                 out, sub = self._walk(layer.branches[0].layers, fan_in, fan_in, f"{where}: ")
                 if fan_in is not None and out != fan_in:
@@ -174,7 +251,9 @@ class _Sizing:
                 else:
                     shares = [default] * k
                 outs, subs = [], []
+                start = self.shape
                 for index, (b, share) in enumerate(zip(layer.branches, shares)):
+                    self.shape = start
                     out, sub = self._walk(b.layers, fan_in, share,
                                           f"{where}, branch {index + 1}: ")
                     outs.append(out)
@@ -205,7 +284,8 @@ def _check_widths(width, n_hidden):
         if len(widths) != n_hidden:
             raise ValueError(
                 f"width has {len(widths)} entries but the spec has {n_hidden} hidden dense "
-                f"layer(s) (every dense layer but the readout); give one int for all, "
+                f"or conv layer(s) (every dense layer but the readout, and every conv "
+                f"layer); give one int for all, "
                 f"or {n_hidden} ints"
             )
     out = []
@@ -240,7 +320,7 @@ def _loss_and_gradient(f, targets, loss):
 
 
 class FiniteNetwork:
-    """A finite fully-connected network built from a spec.
+    """A finite network built from a spec: fully-connected or convolutional.
 
     Parameters
     ----------
@@ -248,25 +328,33 @@ class FiniteNetwork:
         The architecture, as for :func:`limitkernel.kernel`; it must end with a
         dense readout.
     width : int or sequence of int, optional
-        Width of every hidden dense layer (all dense layers but the readout), or
-        one width per hidden dense layer (depth first through blocks). Default:
-        the layers' ``width`` parameters (then required). With one int, the
-        dense layers of a residual branch take the block input's width and those
-        of concat branch b ``round(width · k · w_b / Σ w)``.
-    n_features : int
-        Input dimension d.
+        Width of every hidden dense layer (all dense layers but the readout) and
+        output channels of every conv layer, or one width per such layer (depth
+        first through blocks). Default: the layers' ``width`` parameters (then
+        required). With one int, the dense and conv layers of a residual branch
+        take the block input's width and those of concat branch b
+        ``round(width · k · w_b / Σ w)``.
+    n_features : int, optional
+        Input dimension d of vectors (the same as ``input_shape=(d,)``).
     n_outputs : int
         Width c of the readout.
     seed : int, None or numpy.random.Generator
         Source of the initial parameters (drawn layer by layer, W then b).
+    input_shape : tuple of int, optional
+        Shape of one input: (d,) for vectors, (L, C) for sequences, (H, W, C)
+        for images — channels last, as for :func:`limitkernel.kernel`. Give
+        this or ``n_features``.
 
     Attributes
     ----------
     widths : tuple of int
-        Hidden widths.
+        Hidden widths (dense widths and conv output channels).
+    input_shape : tuple of int
     dense : list
-        Per dense layer, an object with the trained arrays ``w`` (fan_in,
-        fan_out) and ``b`` (fan_out,) and the multipliers ``w_mul``, ``b_mul``.
+        Per dense or conv layer, an object with the trained arrays ``w``
+        (fan_in, fan_out) and ``b`` (fan_out,) and the multipliers ``w_mul``,
+        ``b_mul``; a conv layer's ``w`` is (k_y·k_x·C_in, C_out), rows in
+        (tap row, tap column, input channel) order.
 
     Notes
     -----
@@ -283,6 +371,17 @@ class FiniteNetwork:
     parameterisation: two Gram matrices per layer and one backward pass per
     output unit.
 
+    A layer whose weights act at P positions (a conv layer on the patches
+    a_p of its input, or a dense layer on positions) contributes
+    Σ_{p,q} (w_mul² a_p(x)·a_q(x') + b_mul²) δ_p(x)·δ_q(x'), computed exactly
+    by whichever of two forms costs fewer flops (fan-in n, fan-out m, c
+    outputs, N × M inputs): per-example gradients w_mul Σ_p a_p ⊗ δ_p and
+    their inner products, O((N + M)·c·P·n·m + N·M·c²·n·m), or Gram matrices
+    over positions, O(N·M·P²·(n + c²·m)); both in blocks of inputs with at most
+    256 MiB of scratch, never a Jacobian of the whole network. For a conv
+    layer n = k_y·k_x·C_in and P its output positions; its forward pass, input
+    signal and gradient step are those of a dense layer on the patches.
+
     Blocks: ``residual`` is α·x + β·f(x), ``parallel`` the sum and ``concat``
     the concatenation of its branches; ``layernorm`` normalises over the
     features without affine parameters, (z − mean z)/√(var z + ε); ``dropout``
@@ -290,25 +389,23 @@ class FiniteNetwork:
     spec of dense layers and activations only takes a faster path.
     """
 
-    def __init__(self, spec, width=None, n_features=None, n_outputs=1, seed=None):
+    def __init__(self, spec, width=None, n_features=None, n_outputs=1, seed=None,
+                 input_shape=None):
         self.spec = as_spec(spec)
         layers = list(self.spec)
         if not layers or not isinstance(layers[-1], Dense):
             last = layers[-1] if layers else "nothing"
             raise SpecError(f"the network must end with a dense readout layer, but its last "
                             f"layer is {last}; append ', dense'")
-        if n_features is None or isinstance(n_features, bool) or int(n_features) != n_features \
-                or n_features < 1:
-            raise ValueError(f"n_features must be a positive integer (the input dimension d), "
-                             f"got {n_features!r}")
+        self.input_shape = _input_shape(n_features, input_shape)
         if isinstance(n_outputs, bool) or int(n_outputs) != n_outputs or n_outputs < 1:
             raise ValueError(f"n_outputs must be a positive integer, got {n_outputs!r}")
-        self.n_features, self.n_outputs = int(n_features), int(n_outputs)
-        sizing = _Sizing(self.spec, width, self.n_features, self.n_outputs)
+        self.n_features, self.n_outputs = self.input_shape[-1], int(n_outputs)
+        sizing = _Sizing(self.spec, width, self.input_shape, self.n_outputs)
         self.widths, self._limit = tuple(sizing.widths), sizing.limit
         # The same lowered program as the kernels; the limit's rules (Gaussian
         # inputs of activations, independent branches) are not required here.
-        self._program = Program(self._limit, self.n_features, check_limit=False)
+        self._program = Program(self._limit, self.input_shape, check_limit=False)
         rng = _check_rng(seed)
         self._params, self.dense = [], []
         fan_outs = iter(self.widths + (self.n_outputs,))
@@ -345,11 +442,19 @@ class FiniteNetwork:
         return self._limit
 
     def _check_x(self, x, name="x"):
-        x = check_inputs(x, name)
-        if x.shape[1] != self.n_features:
-            raise ValueError(f"{name} has {x.shape[1]} features but the network was built "
-                             f"with n_features={self.n_features}")
-        return x
+        """Inputs as float64, images and sequences as (N, H, W, C) (H = 1 for sequences)."""
+        spatial = len(self.input_shape) > 1
+        x = check_inputs(x, name, spatial=spatial)
+        if len(self.input_shape) == 2 and x.shape[1:] == (1,) + self.input_shape:
+            return x  # already checked
+        if x.shape[1:] != self.input_shape:
+            if not spatial:
+                raise ValueError(f"{name} has {x.shape[1]} features but the network was "
+                                 f"built with n_features={self.n_features}")
+            raise ValueError(f"{name} has inputs of shape {x.shape[1:]} but the network was "
+                             f"built with input_shape={self.input_shape} (channels last); "
+                             "give inputs of that shape")
+        return x[:, None] if x.ndim == 3 else x
 
     def forward(self, x, dropout_seed=None):
         """Outputs on a batch.
@@ -373,7 +478,7 @@ class FiniteNetwork:
 
     def _forward(self, x, keep=False, check=True, masks=None):
         """Outputs and, with ``keep``, the tape: what each op records for backward."""
-        run = _Run(keep, masks or self._masks)
+        run = _Run(keep, masks or self._masks, program=self._program)
         tape = []
         h = x
         for op, params in zip(self._program.ops, self._params):
@@ -391,7 +496,7 @@ class FiniteNetwork:
         every dense layer; with ``eta``, takes a gradient step of learning rate
         η on each dense layer as its signal arrives (δ: N·c times ∂L/∂f).
         """
-        run = _Run(False, None, eta=eta)
+        run = _Run(False, None, eta=eta, program=self._program)
         ops, params = self._program.ops, self._params
         for index in range(len(ops) - 1, self._first - 1, -1):
             run.stop = index == self._first
@@ -464,6 +569,16 @@ class FiniteNetwork:
         sym = tape2 is None
         theta = np.zeros((n1 * c, n2 * c))
         for (layer, a1, d1), (_, a2, d2) in zip(grads1, grads2):
+            if a1.ndim > 2:
+                # Weights shared across positions (conv, or dense on positions).
+                def positions(a, d):
+                    return (a.reshape(a.shape[0], -1, a.shape[-1]),
+                            d.reshape(d.shape[:2] + (-1, d.shape[-1])))
+
+                pa1, pd1 = positions(a1, d1)
+                pa2, pd2 = (None, None) if sym else positions(a2, d2)
+                theta += shared_layer_ntk(layer, pa1, pa2, pd1, pd2, c)
+                continue
             _add_layer_ntk(theta, layer, a1, None if sym else a2, d1.reshape(n1 * c, -1),
                            None if sym else d2.reshape(n2 * c, -1), c)
         return _by_output_pair(theta, n1, n2, c)
@@ -640,13 +755,13 @@ class _Run:
     """What one pass through the program carries besides the activations.
 
     Forward: ``keep`` (record what backward needs), the stash slots of blocks and
-    the dropout ``masks``. Backward: the stash of signals, ``stop`` (the current
+    the dropout ``masks``; the lowered ``program`` (the index maps of spatial ops). Backward: the stash of signals, ``stop`` (the current
     op is the first with parameters: its input signal is not needed) and, per
     dense layer, either the collected ``grads`` or an in-place step of ``eta``.
     """
 
-    def __init__(self, keep, masks, eta=None):
-        self.keep, self.masks, self.eta = keep, masks, eta
+    def __init__(self, keep, masks, eta=None, program=None):
+        self.keep, self.masks, self.eta, self.program = keep, masks, eta, program
         self.stash, self.gstash, self.grads = {}, {}, []
         self.stop = False
 

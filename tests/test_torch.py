@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import limitkernel as lk
+from limitkernel.finite import FiniteNetwork
 from limitkernel.spec import SpecError, parse
 
 
@@ -88,7 +89,7 @@ def test_scales_are_read_from_default_initialisation():
 
 
 @pytest.mark.parametrize("module, words", [
-    (nn.Conv1d(1, 1, 1), "Conv1d"),
+    (nn.MaxPool1d(2), "MaxPool1d"),
     (nn.GELU(approximate="tanh"), "GELU"),
     (nn.ELU(alpha=2.0), "ELU"),
     (nn.LayerNorm((4, 4)), "last axis"),
@@ -182,3 +183,128 @@ def test_default_torch_model_approaches_its_spec():
     se = est.std(0, ddof=1) / math.sqrt(len(est))
     err = np.abs(est.mean(0) - limit)
     assert np.all(err <= 5 * se + np.max(np.abs(limit)) / 512), err / se
+
+
+# ------------------------------------------------------------ convolutional models
+
+CONV_ROUND_TRIP = [
+    ("conv(k=3, w_std=1.3, b_std=0.2), relu, conv(k=2, padding=valid, stride=2), tanh, "
+     "avg_pool(k=2), conv(k=3:2, padding=circular), global_avg_pool, dense", (8, 8, 2)),
+    ("conv(k=3, stride=2), relu, residual[conv, relu, conv], flatten, dense", (7, 6, 1)),
+    ("conv(parameterization=standard, width=16), relu, "
+     "conv(k=4, padding=circular, parameterization=standard, width=16), relu, "
+     "avg_pool(k=3, stride=1, padding=same), flatten, dense(parameterization=standard)",
+     (10, 3)),
+    ("conv(k=2, padding=valid, stride=2, parameterization=standard, width=8), gelu, "
+     "global_avg_pool, dense(parameterization=standard, width=8), relu, "
+     "dense(parameterization=standard)", (9, 9, 2)),
+]
+
+
+@pytest.mark.parametrize("text, shape", CONV_ROUND_TRIP)
+def test_conv_round_trip_through_torch(text, shape):
+    model = ti.to_torch(text, width=16 if "width" not in text else 8, input_shape=shape,
+                        seed=1)
+    assert ti.from_torch(model) == parse(text)
+    x = np.random.default_rng(0).standard_normal((2,) + shape)
+    out = model(torch.as_tensor(np.moveaxis(x, -1, 1), dtype=torch.float32))
+    assert out.shape == (2, 1)
+
+
+def test_hand_built_conv_model():
+    model = nn.Sequential(
+        nn.Conv2d(3, 20, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(20, 20, 5, padding="same", padding_mode="circular"), nn.ReLU(),
+        nn.Conv2d(20, 20, (2, 3), stride=2), nn.ReLU(),
+        nn.AvgPool2d(3, stride=1, padding=1), nn.AvgPool2d(2),
+        ti.Residual(nn.Conv2d(20, 20, 3, padding=1)),
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(20, 2))
+    std = "parameterization=standard, width=20"
+    expected = parse(
+        f"conv(w_std=2, b_std=0.5, {std}), relu, "
+        f"conv(k=5, padding=circular, w_std=2, b_std=0.5, {std}), relu, "
+        f"conv(k=2:3, padding=valid, stride=2, w_std=2, b_std=0.5, {std}), relu, "
+        "avg_pool(k=3, stride=1, padding=same), avg_pool(k=2), "
+        f"residual[conv(w_std=2, b_std=0.5, {std})], global_avg_pool, "
+        "dense(w_std=2, b_std=0.5, parameterization=standard)")
+    assert ti.from_torch(model, w_std=2, b_std=0.5) == expected
+    seq = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 1))
+    assert ti.from_torch(seq, w_std=1, b_std=0) == parse(
+        "conv(padding=valid, parameterization=standard, width=8), relu, flatten, "
+        "dense(parameterization=standard)")
+
+
+@pytest.mark.parametrize("module, words", [
+    (nn.Conv2d(4, 4, 3, stride=2, padding=1), "stride"),
+    (nn.Conv2d(4, 4, 3, dilation=2), "dilation"),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+    (nn.AvgPool2d(3, stride=2, padding=1), "average pooling"),
+    (nn.AdaptiveAvgPool2d(2), "output_size=1"),
+    (nn.LayerNorm(4), "last axis"),
+    (nn.Linear(4, 4), "last axis"),
+])
+def test_unsupported_conv_modules_are_named(module, words):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), module, nn.Flatten(), nn.Linear(4, 1))
+    with pytest.raises(SpecError, match=words) as err:
+        ti.from_torch(model)
+    assert "model[1]" in str(err.value)
+
+
+def _copy_into_finite(model, net):
+    """The torch model's parameters, in the finite network's layout (channels last,
+    conv weights as (k_y·k_x·C_in, C_out))."""
+    convs = (nn.Conv1d, nn.Conv2d, ti.NTKConv)
+    mods = [m for m in model.modules() if isinstance(m, convs + (nn.Linear, ti.NTKLinear))]
+    assert len(mods) == len(net.dense)
+    for m, p in zip(mods, net.dense):
+        w = m.weight.detach().double()
+        if isinstance(m, convs):
+            w = w.reshape(w.shape[0], w.shape[1], -1, w.shape[-1])  # (out, in, ky, kx)
+            w = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+        else:
+            w = w.T
+        p.w[...] = w.numpy()
+        p.b[...] = m.bias.detach().double().numpy()
+
+
+@pytest.mark.parametrize("text, shape", [
+    ("conv(k=3, stride=2, w_std=1.3, b_std=0.2), relu, conv(k=2:3, padding=circular), "
+     "tanh, avg_pool(k=3, stride=1, padding=same), conv(k=2, padding=valid, b_std=0.3), "
+     "global_avg_pool, dense(b_std=0.1)", (7, 6, 2)),
+    ("conv(k=4, padding=circular, parameterization=standard, b_std=0.2), relu, "
+     "conv(k=3, stride=2, padding=valid, parameterization=standard), relu, "
+     "global_avg_pool, dense(parameterization=standard, b_std=0.1)", (9, 3)),
+])
+def test_torch_cnn_equals_the_finite_network_of_its_spec(text, shape):
+    # The same weights in both: outputs, and the finite network's exact NTK
+    # against the torch model's per-example autograd Jacobians (an independent
+    # implementation of the layouts and paddings).
+    model = ti.to_torch(text, width=5, input_shape=shape, seed=2, dtype=torch.float64)
+    net = FiniteNetwork(ti.from_torch(model) if "standard" in text else text, 5,
+                        input_shape=shape, seed=0)
+    _copy_into_finite(model, net)
+    x = np.random.default_rng(3).standard_normal((4,) + shape)
+    xt = np.moveaxis(x, -1, 1)
+    with torch.no_grad():
+        out = model(torch.as_tensor(xt)).numpy()
+    np.testing.assert_allclose(net.forward(x), out, rtol=1e-12, atol=1e-14)
+    ref = _brute_force_ntk(model, xt)
+    np.testing.assert_allclose(net.ntk(x), ref, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(ti.empirical_ntk_torch(model, x, channels_last=True), ref,
+                               rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(ti.empirical_ntk_torch(model, xt[:2], xt[2:], batch_size=1),
+                               ref[:2, 2:], rtol=1e-12, atol=1e-13)
+
+
+def test_compare_puts_a_torch_cnn_beside_the_limit():
+    text = "conv(k=3, w_std=1.3, b_std=0.1), relu, global_avg_pool, dense"
+    model = ti.to_torch(text, width=64, input_shape=(5, 2), seed=0, dtype=torch.float64)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 5, 2)), rng.standard_normal(6)
+    result = lk.compare(None, x, y, widths=(8, 32), seeds=2, steps=5, learning_rate=0.5,
+                        torch_model=model, n_jobs=1)
+    theta = lk.kernel(text, x)["ntk"]
+    empirical = ti.empirical_ntk_torch(model, x, channels_last=True)
+    assert result.spec == str(parse(text))
+    assert result.torch["init_distance"] == pytest.approx(
+        np.linalg.norm(empirical - theta) / np.linalg.norm(theta), rel=1e-12)

@@ -40,6 +40,7 @@ import numpy as np
 from .._numba import jit
 from .._program import OpKind
 from ..spec import PARAMETERIZATIONS, Layer, SpecError, register
+from ._positions import ConvParams, Window, gather, scatter, window_sum
 
 __all__ = [
     "OP_AVG_POOL",
@@ -219,6 +220,33 @@ class Conv(_Spatial):
         state.q = w * sum_q + p["b_var"]
         state.grad = w * sum_g
 
+    # ------------------------------------------------------------ finite network
+    #
+    # A conv layer is a dense layer on the patches of its input: z_o = w_mul ·
+    # patch_o W + b_mul · b, the patch holding the k_y × k_x taps of output
+    # position o (zeros in the padding), so its parameters, update and input
+    # signal are those of a dense layer with fan-in k_y·k_x·C.
+
+    def finite_init(self, op, fan_in, fan_out, rng):
+        ky, kx = self._sizes("k", op.shape, op.where)
+        return ConvParams(self, ky * kx * fan_in, fan_out, rng)
+
+    def finite_width(self, op, width, stash):
+        raise RuntimeError("the finite width of a conv layer is set by the network")
+
+    def finite_forward(self, op, params, h, run):
+        window = Window(run.program, op.params["geometry"], self.padding == "circular")
+        taps = gather(h, window)
+        patches = taps.reshape(taps.shape[:3] + (-1,))
+        return params(patches), (patches if run.keep else None)
+
+    def finite_backward(self, op, params, delta, record, run):
+        d_in = run.dense(params, record, delta)
+        if d_in is None:
+            return None
+        window = Window(run.program, op.params["geometry"], self.padding == "circular")
+        return scatter(d_in.reshape(d_in.shape[:4] + window.k + (-1,)), window)
+
 
 @register
 class AvgPool(_Spatial):
@@ -257,6 +285,18 @@ class AvgPool(_Spatial):
         builder.emit(self, where, geometry=geometry)
         builder.spatial = shape_out
 
+    # ------------------------------------------------------------ finite network
+
+    def finite_forward(self, op, params, h, run):
+        window = Window(run.program, op.params["geometry"], False)
+        out = window_sum(h, window)
+        out /= window.k[0] * window.k[1]
+        return out, None
+
+    def finite_backward(self, op, params, delta, record, run):
+        window = Window(run.program, op.params["geometry"], False)
+        return scatter(delta / (window.k[0] * window.k[1]), window)
+
 
 @register
 class GlobalAvgPool(Layer, OpKind):
@@ -276,6 +316,18 @@ class GlobalAvgPool(Layer, OpKind):
         _check_collapse(self, builder, where)
         builder.emit(self, where)
         builder.spatial = None
+
+    # ------------------------------------------------------------ finite network
+
+    def finite_forward(self, op, params, h, run):
+        return h.mean(axis=(1, 2)), None
+
+    def finite_backward(self, op, params, delta, record, run):
+        # Every position gets 1/P of the signal at the mean.
+        h, w = op.shape
+        share = delta / (h * w)
+        return np.ascontiguousarray(np.broadcast_to(
+            share[:, :, None, None, :], share.shape[:2] + (h, w, share.shape[-1])))
 
 
 @register
@@ -305,6 +357,20 @@ class Flatten(Layer, OpKind):
         state.q = state.q.mean(axis=1)
         state.theta = state.theta.mean(axis=1)
         state.grad = state.grad.mean(axis=1)
+
+    # ------------------------------------------------------------ finite network
+    #
+    # Positions in row-major order, channels fastest (Neural Tangents' Flatten of
+    # channels-last arrays).
+
+    def finite_width(self, op, width, stash):
+        return None if width is None else width * op.positions
+
+    def finite_forward(self, op, params, h, run):
+        return h.reshape(h.shape[0], -1), None
+
+    def finite_backward(self, op, params, delta, record, run):
+        return delta.reshape(delta.shape[:2] + tuple(op.shape) + (-1,))
 
 
 def _check_collapse(layer, builder, where):
