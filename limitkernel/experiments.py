@@ -34,7 +34,7 @@ from scipy.special import ndtri
 
 from ._io import atomic_path
 from .finite import FiniteNetwork, limit_spec
-from .gram import check_inputs, kernel, kernel_diag
+from .gram import check_inputs, kernel
 from .predict import GradientFlowEnsemble
 from .spec import as_spec
 
@@ -621,36 +621,15 @@ def _limit(limit_spec, x_train, y, x_test, x_kernel, steps, learning_rate, diag_
 
 
 def flow_ensemble(spec, x_train, y, learning_rate, diag_reg=0.0):
-    """A :class:`GradientFlowEnsemble` for vectors, images or sequences.
-
-    The ensemble checks for vectors (N, d); for images and sequences it is built
-    on the flattened inputs (which only its duplicate check sees) with its
-    training kernels computed from the inputs as they are, and
-    :func:`flow_predict` supplies the test kernels the same way.
-    """
-    x_train = np.asarray(x_train, dtype=np.float64)
-    if x_train.ndim == 2:
-        return GradientFlowEnsemble(spec, x_train, y, learning_rate=learning_rate,
-                                    diag_reg=diag_reg)
-    ensemble = GradientFlowEnsemble(spec, x_train.reshape(len(x_train), -1), y,
-                                    learning_rate=learning_rate, diag_reg=diag_reg)
-    ensemble._train.update(kernel(ensemble.spec, x_train, get=("nngp", "ntk")))
-    ensemble.images = x_train
-    return ensemble
+    """A :class:`GradientFlowEnsemble` for vectors, images or sequences."""
+    return GradientFlowEnsemble(spec, x_train, y, learning_rate=learning_rate,
+                                diag_reg=diag_reg)
 
 
 def flow_predict(ensemble, x_test, t):
     """Mean (M,) or (M, c) and variance (M,) of the ensemble's outputs at time t."""
-    images = getattr(ensemble, "images", None)
-    if images is None:
-        pred = ensemble.predict(x_test, t=t, get="ntk", cov="var")["ntk"]
-        return pred.mean, pred.var
-    # The ensemble's own solver on kernels of the inputs as they are.
-    cross = {k: v.T for k, v in kernel(ensemble.spec, x_test, images).items()}
-    prior = kernel_diag(ensemble.spec, x_test, get="nngp")["nngp"]
-    mean, _, var = ensemble._predict_eigh("ntk", np.array([float(t)]), cross, prior, "var")
-    mean = mean[0]
-    return (mean[:, 0] if ensemble.y_train.ndim == 1 else mean), var[0]
+    pred = ensemble.predict(x_test, t=t, get="ntk", cov="var")["ntk"]
+    return pred.mean, pred.var
 
 
 def _run_width(spec, x_train, y, x_test, x_kernel, width, seeds, steps, learning_rate,
