@@ -88,7 +88,8 @@ def test_unknown_activation_lists_closest_first():
     listed = message.split("closest first: ")[1].split(", ")
     assert listed[0] == "relu"
     assert set(listed) == set(REGISTRY) | {"dense", "layernorm", "dropout", "residual",
-                                            "parallel", "concat"}
+                                            "parallel", "concat", "conv", "avg_pool",
+                                            "global_avg_pool", "flatten"}
 
 
 @pytest.mark.parametrize("text, fragment", [
