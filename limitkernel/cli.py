@@ -134,7 +134,7 @@ def _announce_compilation():
 
 
 def _cmd_kernel(args):
-    from .gram import kernel
+    from .gram import _check_get, kernel
 
     if args.status:
         _store_status(args)
@@ -155,7 +155,7 @@ def _cmd_kernel(args):
     spec = load_spec(args.arch)
     x1 = load_array(args.x)
     x2 = load_array(args.x2) if args.x2 else None
-    get = tuple(k.strip() for k in args.get.split(",") if k.strip())
+    get = _check_get(tuple(k.strip() for k in args.get.split(",") if k.strip()))
     if store is not None:
         _kernel_to_store(args, store, spec, x1, x2, get)
         return

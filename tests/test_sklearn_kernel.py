@@ -137,7 +137,8 @@ def test_params_clone_equality_repr_and_pickle():
     k = lk.Kernel(RELU, kind="nngp", w_std=1.5, b_std=0.05, w_std_bounds=(0.5, 3.0))
     params = k.get_params()
     assert params == {"spec": RELU, "kind": "nngp", "w_std": 1.5, "b_std": 0.05,
-                      "w_std_bounds": (0.5, 3.0), "b_std_bounds": (1e-4, 10.0)}
+                      "w_std_bounds": (0.5, 3.0), "b_std_bounds": (1e-4, 10.0),
+                      "input_shape": None}
     copy = clone(k)
     assert copy == k and copy is not k
     assert k == lk.Kernel(lk.parse(RELU), kind="nngp", w_std=1.5, b_std=0.05,
@@ -387,8 +388,8 @@ def test_images_through_input_shape_and_conv_scales():
              "dense(w_std=1.3)"
     np.testing.assert_allclose(k(x.reshape(5, -1)), lk.kernel(scaled, x)["nngp"], rtol=1e-14)
     K, grad = k(x.reshape(5, -1), eval_gradient=True)
-    up = lk.kernel(scaled.replace("1.3", repr(1.3 * np.exp(1e-5))), x)["nngp"]
-    down = lk.kernel(scaled.replace("1.3", repr(1.3 * np.exp(-1e-5))), x)["nngp"]
+    up = lk.kernel(scaled.replace("1.3", repr(float(1.3 * np.exp(1e-5)))), x)["nngp"]
+    down = lk.kernel(scaled.replace("1.3", repr(float(1.3 * np.exp(-1e-5)))), x)["nngp"]
     np.testing.assert_allclose(grad[..., 0], (up - down) / 2e-5, rtol=1e-8)
     np.testing.assert_allclose(grad[..., 0], 6 * K, rtol=1e-14)
     with pytest.raises(ValueError, match="input_shape"):
