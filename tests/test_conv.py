@@ -132,6 +132,36 @@ def test_identical_images_give_exactly_the_diagonal_when_pooling(spec):
         assert cross[0, 0] == out[kind][0, 0]
 
 
+@pytest.mark.parametrize("spec, shape", [
+    ("conv(k=2), flatten, dense", (1, 3)),
+    ("conv(k=2), global_avg_pool, dense", (1, 3)),
+    ("conv, avg_pool(k=3, padding=same), global_avg_pool, dense", (2, 2, 1)),
+    ("avg_pool(k=3, padding=same), conv, global_avg_pool, dense", (2, 2, 1)),
+])
+def test_window_larger_than_the_input_with_same_padding(spec, shape):
+    """Some taps of the window only ever meet the padding (found by fuzzing: the
+    index runs of such a tap crashed)."""
+    x = np.random.default_rng(0).standard_normal((2,) + shape)
+    (k11, k12, k22), (t11, t12, t22) = spatial_kernel_mp(spec, x[0], x[1], dps=20)
+    out = lk.kernel(spec, x)
+    np.testing.assert_allclose(out["nngp"], [[k11, k12], [k12, k22]], rtol=1e-13)
+    np.testing.assert_allclose(out["ntk"], [[t11, t12], [t12, t22]], rtol=1e-13)
+
+
+@pytest.mark.parametrize("scale", [1e80, 1e-80])
+@pytest.mark.parametrize("spec", ["conv, relu, global_avg_pool, dense, relu, dense",
+                                  "conv, relu, avg_pool, conv, relu, flatten, dense"])
+def test_pooling_keeps_the_correlation_at_large_and_small_variances(spec, scale):
+    """Bias-free ReLU networks are positively homogeneous: K(s x, s x') = s² K(x, x').
+    (Found by fuzzing: pooling took 1 − ρ from √(var·var'), whose product overflowed
+    above ~1e154 and underflowed below ~1e-154.)"""
+    x = np.random.default_rng(1).standard_normal((3, 4, 4, 2))
+    unit = lk.kernel(spec, x)
+    scaled = lk.kernel(spec, scale * x)
+    for kind in ("nngp", "ntk"):
+        np.testing.assert_allclose(scaled[kind] / scale ** 2, unit[kind], rtol=1e-13)
+
+
 @pytest.mark.parametrize("spec, shape", [CASES[0], CASES[4], CASES[7], CASES[9]])
 def test_symmetric_psd_and_same_as_cross(spec, shape):
     rng = np.random.default_rng(6)

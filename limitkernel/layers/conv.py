@@ -562,6 +562,18 @@ def conv_pairs(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, i
 
 
 @jit
+def _root_of_product(u, v):
+    """√(u v) for u, v ≥ 0, exactly u when u = v (so that 1 − ρ of identical inputs
+    is 0), and without overflow or underflow of the product."""
+    if u == v:
+        return u
+    prod = u * v
+    if 1e-300 < prod < 1e300:
+        return math.sqrt(prod)
+    return math.sqrt(u) * math.sqrt(v)
+
+
+@jit
 def pool_pairs(k_in, t_in, k_out, c_out, t_out, var_a, var_b, geo, imap, want_ntk, u_k, u_t):
     """Average pooling of one pair's state: the mean over the windows of p and of p'.
 
@@ -617,7 +629,7 @@ def pool_pairs(k_in, t_in, k_out, c_out, t_out, var_a, var_b, geo, imap, want_nt
             kk = k_out[o, o2] * scale
             k_out[o, o2] = kk
             t_out[o, o2] *= scale
-            nrm = math.sqrt(var_a[o] * var_b[o2])
+            nrm = _root_of_product(var_a[o], var_b[o2])
             c_out[o, o2] = min(max(1.0 - kk / nrm, 0.0), 2.0) if nrm > 0.0 else 0.0
 
 
@@ -634,7 +646,7 @@ def global_pool_pairs(k_in, t_in, positions, var_a, var_b, want_ntk):
                 st += t_in[r, s]
     scale = 1.0 / (positions * positions)
     kk = sk * scale
-    nrm = math.sqrt(var_a * var_b)
+    nrm = _root_of_product(var_a, var_b)
     c = min(max(1.0 - kk / nrm, 0.0), 2.0) if nrm > 0.0 else 0.0
     return kk, c, st * scale
 
