@@ -215,9 +215,15 @@ def self_diagonals(program, xs):
 _TINY_VARIANCE = 1e-280
 
 
-def _check_range(program, var, ntk):
-    """Refuse diagonals that overflowed or underflowed, naming the first such op."""
+def _check_range(program, var, ntk, small=None):
+    """Refuse diagonals that overflowed or underflowed, naming the first such op.
+
+    ``var`` (ops + 1, N): the variances entering each op (row 0 the inputs') and
+    leaving the last; ``small``, of the same shape, the ones to test for
+    underflow (default ``var``).
+    """
     ops = program.ops
+    small = var if small is None else small
     bad = ~np.isfinite(var).all(axis=1)
     if bad.any() or not np.all(np.isfinite(ntk)):
         index = int(np.argmax(bad)) if bad.any() else len(ops)
@@ -225,19 +231,38 @@ def _check_range(program, var, ntk):
             f"the kernel overflows at layer {max(index, 1)} ({ops[max(index - 1, 0)]}): "
             f"variances reach {float(np.max(np.abs(var[:index]))):.3g} before it; lower "
             "w_std, b_std or the input scale")
-    tiny = (var > 0) & (var < _TINY_VARIANCE)
+    tiny = (small > 0) & (small < _TINY_VARIANCE)
     lost = np.zeros_like(tiny)
-    lost[1:] = (var[1:] == 0) & (var[:-1] > 0)
+    lost[1:] = (small[1:] == 0) & (small[:-1] > 0)
+    for index, op in enumerate(ops):
+        if getattr(op.kind, "w_std", None) == 0 and getattr(op.kind, "b_std", None) == 0:
+            lost[index + 1] = False  # a layer of zero weights and biases outputs 0
     if tiny[0].any():
         raise FloatingPointError(
-            f"the inputs are too small: x·x/d reaches {float(var[0][tiny[0]].min()):.3g}, "
+            f"the inputs are too small: x·x/d reaches {float(small[0][tiny[0]].min()):.3g}, "
             "where float64 loses relative precision; rescale them (e.g. x / x.std())")
     if (tiny | lost).any():
         index = int(np.argmax((tiny | lost).any(axis=1)))
         raise FloatingPointError(
             f"the variances underflow at layer {index} ({ops[index - 1]}): they reach "
-            f"{float(var[index][(tiny | lost)[index]].min()):.3g}, where float64 loses "
+            f"{float(small[index][(tiny | lost)[index]].min()):.3g}, where float64 loses "
             "relative precision; raise w_std or b_std, or rescale the inputs")
+
+
+def _check_spatial_range(program, var, ntk):
+    """:func:`_check_range` of a network on positions, whose table ``var`` (N, R)
+    holds each op's variances at every position: per op, the largest of an
+    input's positions (inf if one is not finite) is tested for overflow, the
+    smallest non-zero one (0 if all are) for underflow."""
+    big, small = [], []
+    for layer in range(len(program.ops) + 1):
+        start = program.offsets[layer]
+        block = var[:, start:start + program.positions[layer]]
+        finite = np.isfinite(block).all(axis=1)
+        big.append(np.where(finite, np.abs(block).max(axis=1), np.inf))
+        low = np.where(block > 0, block, np.inf).min(axis=1)
+        small.append(np.where(np.isinf(low), 0.0, low))
+    _check_range(program, np.array(big), ntk, np.array(small))
 
 
 def _run_self(program, side, start, stop):
@@ -431,9 +456,7 @@ class GramPlan:
                     program.codes, program.prm, program.geo, program.imap, program.offsets,
                     program.positions, self.n_slots, status)
                 _check_status(status)
-            if not (np.all(np.isfinite(var)) and np.all(np.isfinite(ntk))):
-                raise FloatingPointError("the kernel overflows on these inputs; lower "
-                                         "w_std, b_std or the input scale")
+            _check_spatial_range(program, var, ntk)
             sides.append(_SpatialSide(flat, xn, var, root))
             diags.append((nngp, ntk))
         self.nngp_diag, self.ntk_diag = diags[0]
