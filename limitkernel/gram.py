@@ -397,6 +397,9 @@ class GramPlan:
         self.shape = (len(x1), len(x1 if x2 is None else x2))
         self.codes, self.prm = program.codes, program.prm
         self.program = program
+        # With dropout, two equal rows are two examples (independent masks).
+        dropout = any(getattr(op.kind, "p", 0) > 0 for op in program.ops)
+        self.twins = _twin_pairs(x1, x2) if not dropout else (np.empty(0, int),) * 2
         if program.spatial is not None:
             self._init_spatial(program, x1, x2)
             return
@@ -520,6 +523,24 @@ class GramPlan:
         raise FloatingPointError(f"the kernel is not finite between inputs {i} and {j}; "
                                  "lower the input scale, w_std or b_std")
 
+    def copy_twins(self, outs, r0, c0):
+        """Entries of identical inputs ← the diagonal, in ``outs`` ({kind: array}
+        holding rows r0… and columns c0… of the Gram matrices).
+
+        The passes compute such an entry with the same operations as the
+        diagonal, but a vectorised loop may round one of them differently;
+        identical inputs have, by definition, exactly the same kernel values.
+        """
+        i, j = self.twins
+        if not len(i):
+            return
+        inside = ((i >= r0) & (i < r0 + next(iter(outs.values())).shape[0])
+                  & (j >= c0) & (j < c0 + next(iter(outs.values())).shape[1]))
+        i, j = i[inside], j[inside]
+        diags = {"nngp": self.nngp_diag, "ntk": self.ntk_diag}
+        for kind, out in outs.items():
+            out[i - r0, j - c0] = diags[kind][i]
+
     def tile(self, r0, r1, c0, c1):
         """The Gram matrices on rows r0:r1 and columns c0:c1.
 
@@ -549,6 +570,7 @@ class GramPlan:
                 idx = np.arange(lo, hi)
                 out[idx - r0, idx - c0] = diag[lo:hi]
             result[kind] = out
+        self.copy_twins(result, r0, c0)
         return result
 
 
@@ -640,6 +662,7 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
             np.fill_diagonal(t_out, plan.ntk_diag)
     out = {"nngp": k_out, "ntk": t_out}
     result = {kind: out[kind] for kind in plan.kinds}
+    plan.copy_twins(result, 0, 0)
     for kind, value in result.items():
         _warn_if_degenerate(kind, value, plan.chi)
     return result
@@ -658,6 +681,32 @@ def kernel_diag(spec, x, get=KINDS):
 def _normalise(x):
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     return x / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def _twin_pairs(x1, x2):
+    """(i, j) index arrays of the identical inputs x1[i] = x2[j] (i ≠ j when x2 is
+    None: x1 with itself)."""
+    def keys(x):
+        flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64) + 0.0  # -0 → 0
+        return [row.tobytes() for row in flat]
+
+    first = {}
+    for index, key in enumerate(keys(x1)):
+        first.setdefault(key, []).append(index)
+    rows, cols = [], []
+    if x2 is None:
+        for group in first.values():
+            for a in group:
+                for b in group:
+                    if a != b:
+                        rows.append(a)
+                        cols.append(b)
+    else:
+        for j, key in enumerate(keys(x2)):
+            for i in first.get(key, ()):
+                rows.append(i)
+                cols.append(j)
+    return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
 
 
 def _block_rows(n, m):
