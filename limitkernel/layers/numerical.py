@@ -649,21 +649,6 @@ def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_r
     # An identical input at the start of the row (the diagonal, in the
     # symmetric case) needs every term: it gets a block of its own.
     lone = n > 0 and one_minus_rho[0] == 0.0
-    # Other identical inputs in the row are evaluated alone afterwards, as the
-    # diagonal is, so that the same operations (not a vectorised block's) give
-    # exactly its value; their Θ on entry is kept for that.
-    twins = 0
-    for j in range(1 if lone else 0, n):
-        if one_minus_rho[j] == 0.0 and r22[j] == r11:
-            twins += 1
-    twin_index = np.empty(twins, dtype=np.int64)
-    twin_ntk = np.empty(twins)
-    m = 0
-    for j in range(1 if lone else 0, n):
-        if m < twins and one_minus_rho[j] == 0.0 and r22[j] == r11:
-            twin_index[m] = j
-            twin_ntk[m] = ntk[j]
-            m += 1
     j1 = 0
     while j1 < n:
         j0 = j1
@@ -689,16 +674,6 @@ def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_r
             t = ntk[j0:j1]
             for jj in range(width):
                 t[jj] *= d[jj]
-    for m in range(twins):
-        j = twin_index[m]
-        rho[j] = 1.0
-        square[0] = 1.0
-        _hermite_horner(q12[j:j + 1], a_row, b_cols, col0 + j, col0 + j + 1, rho[j:j + 1],
-                        square[:1], first_a, step_a, terms)
-        if want_ntk:
-            _hermite_horner(acc[j:j + 1], ad_row, bd_cols, col0 + j, col0 + j + 1,
-                            rho[j:j + 1], square[:1], first_d, step_d, terms)
-            ntk[j] = twin_ntk[m] * acc[j]
     generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
 
 
