@@ -54,6 +54,10 @@ from .layers.numerical import OP_HERMITE
 
 __all__ = ["pairs_block", "rows_block", "self_pairs"]
 
+# Constants handed to jitted callees are wrapped (np.int64(0), np.bool_(True)):
+# numba compiles a callee once per literal argument value, and the op loops
+# below are large.
+
 # Columns of a row carried through the same-position regime at once (its state
 # is (P, ROW_CHUNK) per quantity, so that it stays in cache).
 ROW_CHUNK = 256
@@ -217,7 +221,7 @@ def rows_block(r0, r1, c0, c1, sym, x1, x1n, x2t, x2nt, root1, root2t, codes, pr
             sp = np.empty((3, pmax, m))
             stash = np.empty((3 * max(n_slots, 1), pmax, m))
             init_rows(st[0], st[1], x1, x1n, i, x2t, x2nt, ja, jb, root1[i], root2t)
-            st, sp = run_rows(0, n_ops, st, sp, stash, i, ja, jb, sym and ja == i,
+            st, sp = run_rows(np.int64(0), n_ops, st, sp, stash, i, ja, jb, sym and ja == i,
                               codes, prm, geo, imap, offsets, positions, root1, root2t,
                               want_ntk, inv_b, status)
             for jj in range(m):
@@ -345,7 +349,8 @@ def run_lanes(l0, l1, state, spare, stash, same, codes, prm, geo, imap, offsets,
                                   taps, p)
                     if fused:
                         apply_row_op(act, prm[layer], k_out[o], c_out[o], t_out[o], a_out[o],
-                                     b_out, root_a[off_act + o], b_act, False, want_ntk)
+                                     b_out, root_a[off_act + o], b_act, np.bool_(False),
+                                     want_ntk)
                 if fused:
                     layer += 1
             state, spare = spare, state
@@ -406,7 +411,7 @@ def run_lanes(l0, l1, state, spare, stash, same, codes, prm, geo, imap, offsets,
         handled = True
         for r in range(size):
             handled = apply_row_op(code, p, k[r], c[r], t[r], a_in[r], b_in, a_out[r], b_out,
-                                   False, want_ntk and not theta_zero)
+                                   np.bool_(False), want_ntk and not theta_zero)
             if not handled:
                 break
         if not handled:
@@ -497,9 +502,10 @@ def pairs_block(r0, r1, c0, c1, sym, collapse, x1, x1n, x2, x2n, root1, root2, v
             _gather_lanes(x2, x2n, root2, var2, cols, xl, xln, root_b, var_b)
             init_lanes(_lanes(state, 0, positions[0]), _lanes(state, 1, positions[0]), x1, x1n,
                        i, xl, xln, root1[i], root_b)
-            out, _, _ = run_lanes(0, collapse + 1, state, spare, stash, same, codes, prm, geo,
-                                  imap, offsets, positions, root1[i], var1[i], root_b, var_b,
-                                  want_ntk, True, u_k, u_t, inv_b, taps_of, status, False)
+            out, _, _ = run_lanes(np.int64(0), collapse + 1, state, spare, stash, same, codes,
+                                  prm, geo, imap, offsets, positions, root1[i], var1[i],
+                                  root_b, var_b, want_ntk, np.bool_(True), u_k, u_t, inv_b,
+                                  taps_of, status, np.bool_(False))
             for lane in range(min(LANES, c1 - jc)):
                 for m in range(3):
                     row[m, 0, jc - j0 + lane] = out[m, lane]
@@ -548,7 +554,7 @@ def self_pairs(x, xn, root, var, codes, prm, geo, imap, offsets, positions, n_sl
         _gather_lanes(x, xn, root, var, cols, xl, xln, root_b, var_b)
         init_lanes(_lanes(state, 0, p0), _lanes(state, 1, p0), x, xn, i, xl, xln, root[i],
                    root_b)
-        theta_zero = True
+        theta_zero = np.bool_(True)
         for layer in range(n_ops):
             code = codes[layer]
             offn = offsets[layer + 1]
@@ -565,15 +571,15 @@ def self_pairs(x, xn, root, var, codes, prm, geo, imap, offsets, positions, n_sl
                     _set_tables(var[i], root[i], var_b, root_b, offn + r, 1.0)
                 out, _, _ = run_lanes(layer, layer + 1, probe, probe_spare, probe_stash, same,
                                       codes, prm, geo, imap, offsets, positions, root[i],
-                                      var[i], root_b, var_b, True, theta_zero, u_k, u_t,
-                                      inv_b, taps_of, status, False)
+                                      var[i], root_b, var_b, np.bool_(True), theta_zero, u_k,
+                                      u_t, inv_b, taps_of, status, np.bool_(False))
                 for r in range(size_out):
                     _set_tables(var[i], root[i], var_b, root_b, offn + r,
                                 out[0, (r * size_out + r) * LANES])
             state, spare, theta_zero = run_lanes(
                 layer, layer + 1, state, spare, stash, same, codes, prm, geo, imap, offsets,
-                positions, root[i], var[i], root_b, var_b, True, theta_zero, u_k, u_t, inv_b,
-                taps_of, status, True)
+                positions, root[i], var[i], root_b, var_b, np.bool_(True), theta_zero, u_k, u_t,
+                inv_b, taps_of, status, np.bool_(True))
             if layer == collapse:
                 # vectors from here: the lanes' entry is the state
                 state[1, 0] = 0.0
@@ -602,13 +608,16 @@ def run_pair_tail(layer, state, spare, stash, i, codes, prm, geo, imap, offsets,
     probe_stash = rows_stash.copy()
     root[i, offn] = 1.0
     root_t = root.T[:, i:i + 1].copy()
-    out, _ = run_rows(layer, layer + 1, probe, rows_spare, probe_stash, i, 0, 1, True, codes,
-                      prm, geo, imap, offsets, positions, root, root_t, True, inv_b, status)
+    zero, one, true = np.int64(0), np.int64(1), np.bool_(True)
+    out, _ = run_rows(layer, layer + 1, probe, rows_spare, probe_stash, i, zero, one, true,
+                      codes, prm, geo, imap, offsets, positions, root, root_t, true, inv_b,
+                      status)
     var[i, offn] = out[0, 0, 0]
     root[i, offn] = math.sqrt(out[0, 0, 0])
     root_t = root.T[:, i:i + 1].copy()
-    out, _ = run_rows(layer, layer + 1, rows, rows_spare, rows_stash, i, 0, 1, True, codes,
-                      prm, geo, imap, offsets, positions, root, root_t, True, inv_b, status)
+    out, _ = run_rows(layer, layer + 1, rows, rows_spare, rows_stash, i, zero, one, true,
+                      codes, prm, geo, imap, offsets, positions, root, root_t, true, inv_b,
+                      status)
     out[1, 0, 0] = 0.0
     for m in range(3):
         state[m, 0] = out[m, 0, 0]
@@ -650,16 +659,16 @@ def self_rows(x, xn, xt, xnt, var, root, root_t, codes, prm, geo, imap, offsets,
                 root[i, offn + r] = 1.0
                 root_t[offn + r, i] = 1.0
             out, _ = run_rows(layer, layer + 1, probe, probe_spare, probe_stash, i, i, i + 1,
-                              True, codes, prm, geo, imap, offsets, positions, root, root_t,
-                              True, inv_b, status)
+                              np.bool_(True), codes, prm, geo, imap, offsets, positions, root,
+                              root_t, np.bool_(True), inv_b, status)
             for r in range(size_out):
                 v = out[0, r, 0]
                 var[i, offn + r] = v
                 root[i, offn + r] = math.sqrt(v)
                 root_t[offn + r, i] = math.sqrt(v)
-            state, spare = run_rows(layer, layer + 1, state, spare, stash, i, i, i + 1, True,
-                                    codes, prm, geo, imap, offsets, positions, root, root_t,
-                                    True, inv_b, status)
+            state, spare = run_rows(layer, layer + 1, state, spare, stash, i, i, i + 1,
+                                    np.bool_(True), codes, prm, geo, imap, offsets, positions,
+                                    root, root_t, np.bool_(True), inv_b, status)
         nngp[i] = state[0, 0, 0]
         ntk[i] = state[2, 0, 0]
     return nngp, ntk
