@@ -26,7 +26,10 @@ b̂_t = b_t/B, the identity
 
     1 − ρ' = Σ_t w â_t b̂_t (1 − ρ_t) + ½ Σ_t w (â_t − b̂_t)² + ½ σ_b² (1/A − 1/B)²,
 
-w = σ_w²/(k_y k_x), holds exactly and has no cancellation. ``flatten`` is the
+w = σ_w²/(k_y k_x), holds exactly and has no cancellation. The passes take it
+only where it matters: where the direct 1 − K/(A B) is at least 1/64 they keep
+that (an absolute error of at most taps + 4 ulp, below 1e-13 of 1 − ρ), below
+it, and for identical inputs, the identity. ``flatten`` is the
 same sum over positions with w = 1/P. Pooling averages correlated terms, for
 which no such form exists: after a pool, 1 − ρ is 1 − K/√(K(x, x) K(x', x'))
 (absolute error of order 1e-16, and exactly 0 for identical inputs).
