@@ -112,6 +112,8 @@ class Builder:
     spatial : (int, int) or None
         Spatial shape (H, W) of the current layer (sequences are (1, L)), or
         None once the network works on vectors.
+    sequence : bool
+        The inputs are sequences (N, L, C), not images.
     pairs : bool
         The program carries every pair of positions (it pools), not only the
         same-position covariances.
@@ -129,6 +131,8 @@ class Builder:
         else:
             self.spatial = (int(input_shape[0]), int(input_shape[1]))
         self.input_spatial = self.spatial
+        # Sequences are (1, L) shapes, but a (1, W) shape may also be an image.
+        self.sequence = len(input_shape) == 2
         self.fan_in = float(input_shape[-1])
         self.gaussian = True
         self.independent = False

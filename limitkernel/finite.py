@@ -139,12 +139,12 @@ def _input_shape(n_features, input_shape, required=True):
     return (int(n_features),)
 
 
-def _spatial_out(layer, shape, where):
+def _spatial_out(layer, shape, sequence, where):
     """Spatial shape (H, W) after a conv or avg_pool layer (None if it does not fit;
     lowering then says why)."""
-    k = layer._sizes("k", shape, where)
+    k = layer._sizes("k", sequence, where)
     stride = k if isinstance(layer, AvgPool) and layer.stride is None else \
-        layer._sizes("stride", shape, where)
+        layer._sizes("stride", sequence, where)
     rows = axis_map(shape[0], k[0], stride[0], layer.padding) if shape[0] > 1 or k[0] > 1 \
         else np.zeros((1, 1))
     cols = axis_map(shape[1], k[1], stride[1], layer.padding)
@@ -187,6 +187,7 @@ class _Sizing:
         n_features = None if input_shape is None else input_shape[-1]
         self.shape = None if input_shape is None or len(input_shape) == 1 else \
             ((1,) + tuple(input_shape[:1]) if len(input_shape) == 2 else tuple(input_shape[:2]))
+        self.sequence = input_shape is not None and len(input_shape) == 2
         fan_in, limit_layers = self._walk(layers, n_features, self.scalar, "", top=True)
         self.limit = Serial(limit_layers)
         self.out_width = fan_in
@@ -222,13 +223,13 @@ class _Sizing:
                 fan_out = self._width(layer, default, where)
                 self.widths.append(fan_out)
                 if self.shape is not None:
-                    self.shape = _spatial_out(layer, self.shape, where)
+                    self.shape = _spatial_out(layer, self.shape, self.sequence, where)
                 if layer.parameterization == "standard":
                     layer = Conv(**{**layer.params, "width": fan_out})
                 fan_in = fan_out
             elif isinstance(layer, AvgPool):
                 if self.shape is not None:
-                    self.shape = _spatial_out(layer, self.shape, where)
+                    self.shape = _spatial_out(layer, self.shape, self.sequence, where)
             elif isinstance(layer, Flatten):
                 fan_in = None if fan_in is None or self.shape is None else \
                     fan_in * self.shape[0] * self.shape[1]

@@ -215,9 +215,15 @@ def self_diagonals(program, xs):
 _TINY_VARIANCE = 1e-280
 
 
-def _check_range(program, var, ntk):
-    """Refuse diagonals that overflowed or underflowed, naming the first such op."""
+def _check_range(program, var, ntk, small=None):
+    """Refuse diagonals that overflowed or underflowed, naming the first such op.
+
+    ``var`` (ops + 1, N): the variances entering each op (row 0 the inputs') and
+    leaving the last; ``small``, of the same shape, the ones to test for
+    underflow (default ``var``).
+    """
     ops = program.ops
+    small = var if small is None else small
     bad = ~np.isfinite(var).all(axis=1)
     if bad.any() or not np.all(np.isfinite(ntk)):
         index = int(np.argmax(bad)) if bad.any() else len(ops)
@@ -225,19 +231,38 @@ def _check_range(program, var, ntk):
             f"the kernel overflows at layer {max(index, 1)} ({ops[max(index - 1, 0)]}): "
             f"variances reach {float(np.max(np.abs(var[:index]))):.3g} before it; lower "
             "w_std, b_std or the input scale")
-    tiny = (var > 0) & (var < _TINY_VARIANCE)
+    tiny = (small > 0) & (small < _TINY_VARIANCE)
     lost = np.zeros_like(tiny)
-    lost[1:] = (var[1:] == 0) & (var[:-1] > 0)
+    lost[1:] = (small[1:] == 0) & (small[:-1] > 0)
+    for index, op in enumerate(ops):
+        if getattr(op.kind, "w_std", None) == 0 and getattr(op.kind, "b_std", None) == 0:
+            lost[index + 1] = False  # a layer of zero weights and biases outputs 0
     if tiny[0].any():
         raise FloatingPointError(
-            f"the inputs are too small: x·x/d reaches {float(var[0][tiny[0]].min()):.3g}, "
+            f"the inputs are too small: x·x/d reaches {float(small[0][tiny[0]].min()):.3g}, "
             "where float64 loses relative precision; rescale them (e.g. x / x.std())")
     if (tiny | lost).any():
         index = int(np.argmax((tiny | lost).any(axis=1)))
         raise FloatingPointError(
             f"the variances underflow at layer {index} ({ops[index - 1]}): they reach "
-            f"{float(var[index][(tiny | lost)[index]].min()):.3g}, where float64 loses "
+            f"{float(small[index][(tiny | lost)[index]].min()):.3g}, where float64 loses "
             "relative precision; raise w_std or b_std, or rescale the inputs")
+
+
+def _check_spatial_range(program, var, ntk):
+    """:func:`_check_range` of a network on positions, whose table ``var`` (N, R)
+    holds each op's variances at every position: per op, the largest of an
+    input's positions (inf if one is not finite) is tested for overflow, the
+    smallest non-zero one (0 if all are) for underflow."""
+    big, small = [], []
+    for layer in range(len(program.ops) + 1):
+        start = program.offsets[layer]
+        block = var[:, start:start + program.positions[layer]]
+        finite = np.isfinite(block).all(axis=1)
+        big.append(np.where(finite, np.abs(block).max(axis=1), np.inf))
+        low = np.where(block > 0, block, np.inf).min(axis=1)
+        small.append(np.where(np.isinf(low), 0.0, low))
+    _check_range(program, np.array(big), ntk, np.array(small))
 
 
 def _run_self(program, side, start, stop):
@@ -372,6 +397,9 @@ class GramPlan:
         self.shape = (len(x1), len(x1 if x2 is None else x2))
         self.codes, self.prm = program.codes, program.prm
         self.program = program
+        # With dropout, two equal rows are two examples (independent masks).
+        dropout = any(getattr(op.kind, "p", 0) > 0 for op in program.ops)
+        self.twins = _twin_pairs(x1, x2) if not dropout else (np.empty(0, int),) * 2
         if program.spatial is not None:
             self._init_spatial(program, x1, x2)
             return
@@ -431,9 +459,7 @@ class GramPlan:
                     program.codes, program.prm, program.geo, program.imap, program.offsets,
                     program.positions, self.n_slots, status)
                 _check_status(status)
-            if not (np.all(np.isfinite(var)) and np.all(np.isfinite(ntk))):
-                raise FloatingPointError("the kernel overflows on these inputs; lower "
-                                         "w_std, b_std or the input scale")
+            _check_spatial_range(program, var, ntk)
             sides.append(_SpatialSide(flat, xn, var, root))
             diags.append((nngp, ntk))
         self.nngp_diag, self.ntk_diag = diags[0]
@@ -497,6 +523,24 @@ class GramPlan:
         raise FloatingPointError(f"the kernel is not finite between inputs {i} and {j}; "
                                  "lower the input scale, w_std or b_std")
 
+    def copy_twins(self, outs, r0, c0):
+        """Entries of identical inputs ← the diagonal, in ``outs`` ({kind: array}
+        holding rows r0… and columns c0… of the Gram matrices).
+
+        The passes compute such an entry with the same operations as the
+        diagonal, but a vectorised loop may round one of them differently;
+        identical inputs have, by definition, exactly the same kernel values.
+        """
+        i, j = self.twins
+        if not len(i):
+            return
+        inside = ((i >= r0) & (i < r0 + next(iter(outs.values())).shape[0])
+                  & (j >= c0) & (j < c0 + next(iter(outs.values())).shape[1]))
+        i, j = i[inside], j[inside]
+        diags = {"nngp": self.nngp_diag, "ntk": self.ntk_diag}
+        for kind, out in outs.items():
+            out[i - r0, j - c0] = diags[kind][i]
+
     def tile(self, r0, r1, c0, c1):
         """The Gram matrices on rows r0:r1 and columns c0:c1.
 
@@ -526,6 +570,7 @@ class GramPlan:
                 idx = np.arange(lo, hi)
                 out[idx - r0, idx - c0] = diag[lo:hi]
             result[kind] = out
+        self.copy_twins(result, r0, c0)
         return result
 
 
@@ -617,6 +662,7 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
             np.fill_diagonal(t_out, plan.ntk_diag)
     out = {"nngp": k_out, "ntk": t_out}
     result = {kind: out[kind] for kind in plan.kinds}
+    plan.copy_twins(result, 0, 0)
     for kind, value in result.items():
         _warn_if_degenerate(kind, value, plan.chi)
     return result
@@ -635,6 +681,32 @@ def kernel_diag(spec, x, get=KINDS):
 def _normalise(x):
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     return x / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def _twin_pairs(x1, x2):
+    """(i, j) index arrays of the identical inputs x1[i] = x2[j] (i ≠ j when x2 is
+    None: x1 with itself)."""
+    def keys(x):
+        flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64) + 0.0  # -0 → 0
+        return [row.tobytes() for row in flat]
+
+    first = {}
+    for index, key in enumerate(keys(x1)):
+        first.setdefault(key, []).append(index)
+    rows, cols = [], []
+    if x2 is None:
+        for group in first.values():
+            for a in group:
+                for b in group:
+                    if a != b:
+                        rows.append(a)
+                        cols.append(b)
+    else:
+        for j, key in enumerate(keys(x2)):
+            for i in first.get(key, ()):
+                rows.append(i)
+                cols.append(j)
+    return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
 
 
 def _block_rows(n, m):

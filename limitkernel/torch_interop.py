@@ -605,12 +605,12 @@ def _build_spatial(layer, n_in, width, gen, final, state, where, out):
         out.append(nn.Flatten())
         state["shape"] = None
         return n_in * shape[0] * shape[1]
-    k = layer._sizes("k", shape, where)
-    state["shape"] = _spatial_out(layer, shape, where)
+    k = layer._sizes("k", one, where)
+    state["shape"] = _spatial_out(layer, shape, one, where)
     if state["shape"] is None:
         raise SpecError(f"{where}: the window is larger than its input {shape}")
     if isinstance(layer, AvgPool):
-        stride = k if layer.stride is None else layer._sizes("stride", shape, where)
+        stride = k if layer.stride is None else layer._sizes("stride", one, where)
         pad = (0, 0)
         if layer.padding == "same":
             if any(s != 1 for s in stride) or any(kk % 2 == 0 for kk in k):
@@ -622,7 +622,7 @@ def _build_spatial(layer, n_in, width, gen, final, state, where, out):
         else:
             out.append(nn.AvgPool2d(k, stride, pad, count_include_pad=True))
         return n_in
-    stride = layer._sizes("stride", shape, where)
+    stride = layer._sizes("stride", one, where)
     n_out = int(layer.width or final or width)
     ks, ss = (k[1:], stride[1:]) if one else (k, stride)
     if layer.parameterization == "ntk":

@@ -33,22 +33,27 @@ def pair_state(x1, x2):
             mpmath.fsum(u * v for u, v in zip(x1, x2)) / d, zero, zero, zero)
 
 
-def kernel_mp(spec, x1, x2, dps=40):
+def kernel_mp(spec, x1, x2, dps=40, trace=None):
     """K and Θ of ``spec`` for the pair (x1, x2), at ``dps`` digits.
 
     Returns ``((K11, K12, K22), (Θ11, Θ12, Θ22))`` as floats; x1 and x2 are
-    different examples (dropout scales only the diagonal terms).
+    different examples (dropout scales only the diagonal terms). With a list
+    ``trace``, every layer (those inside blocks too, in the order they run) is
+    appended to it as ``(layer, before, after)``, the states ``(q11, q22, q12,
+    Θ11, Θ22, Θ12)`` entering and leaving it in mpmath numbers (whose exponents
+    do not overflow).
     """
     with mpmath.workdps(dps):
         layers = lk.parse(spec).layers if isinstance(spec, str) else lk.serial(spec).layers
-        state, _ = _run(layers, pair_state(x1, x2), len(x1))
+        state, _ = _run(layers, pair_state(x1, x2), len(x1), trace)
         q11, q22, q12, t11, t22, t12 = (float(v) for v in state)
         return (q11, q12, q22), (t11, t12, t22)
 
 
-def _run(layers, state, fan_in):
+def _run(layers, state, fan_in, trace=None):
     q11, q22, q12, t11, t22, t12 = state
     for layer in layers:
+        before = (q11, q22, q12, t11, t22, t12)
         if isinstance(layer, lk.Dense):
             w2, b2 = mpmath.mpf(layer.w_std) ** 2, mpmath.mpf(layer.b_std) ** 2
             if layer.parameterization == "ntk":
@@ -70,7 +75,7 @@ def _run(layers, state, fan_in):
         elif isinstance(layer, lk.Residual):
             a2, b2 = mpmath.mpf(layer.alpha) ** 2, mpmath.mpf(layer.beta) ** 2
             start = (q11, q22, q12, t11, t22, t12)
-            out, _ = _run(layer.branches[0].layers, start, fan_in)
+            out, _ = _run(layer.branches[0].layers, start, fan_in, trace)
             q11, q22, q12, t11, t22, t12 = (a2 * u + b2 * v for u, v in zip(start, out))
         elif isinstance(layer, (lk.Parallel, lk.Concat)):
             start = (q11, q22, q12, t11, t22, t12)
@@ -79,7 +84,7 @@ def _run(layers, state, fan_in):
                 weights = [w / mpmath.fsum(weights) for w in weights]
             else:
                 weights = [mpmath.mpf(1)] * len(layer.branches)
-            outs = [_run(b.layers, start, fan_in) for b in layer.branches]
+            outs = [_run(b.layers, start, fan_in, trace) for b in layer.branches]
             q11, q22, q12, t11, t22, t12 = (
                 mpmath.fsum(w * out[0][i] for w, out in zip(weights, outs)) for i in range(6))
             fan_in = (sum(out[1] for out in outs) if isinstance(layer, lk.Concat)
@@ -88,6 +93,8 @@ def _run(layers, state, fan_in):
             (k12, k11, k22), (d12, d11, d22) = _activation(layer, q11, q22, q12)
             q11, q22, q12 = k11, k22, k12
             t11, t22, t12 = t11 * d11, t22 * d22, t12 * d12
+        if trace is not None:
+            trace.append((layer, before, (q11, q22, q12, t11, t22, t12)))
     return (q11, q22, q12, t11, t22, t12), fan_in
 
 
@@ -155,10 +162,43 @@ def _activation(layer, q11, q22, q12):
         (k11, d11), (k22, d22) = diagonal(q11), diagonal(q22)
         k12 = cross * s ** m if s > 0 else mpmath.mpf(0)
         return (k12, k11, k22), (dcross * s ** md, d11, d22)
-    kern = _smooth(layer)
+    if getattr(layer, "series", False):
+        return _series_same(layer, q11, q22, q12)
+    kern = _pair_closed_form(layer) if layer.name == "gelu" else _smooth(layer)
     (k12, d12), (k11, d11), (k22, d22) = kern(q11, q22, q12), kern(q11, q11, q11), \
         kern(q22, q22, q22)
     return (k12, k11, k22), (d12, d11, d22)
+
+
+# φ and φ' in mpmath of the activations computed by Hermite series.
+_SERIES = {
+    "tanh": (mpmath.tanh, lambda x: 1 - mpmath.tanh(x) ** 2),
+    "softplus": (lambda x: mpmath.log1p(mpmath.exp(x)), lambda x: 1 / (1 + mpmath.exp(-x))),
+    "silu": (lambda x: x / (1 + mpmath.exp(-x)),
+             lambda x: (1 + mpmath.exp(-x) + x * mpmath.exp(-x)) / (1 + mpmath.exp(-x)) ** 2),
+    "elu": (lambda x: x if x > 0 else mpmath.expm1(x), lambda x: 1 if x > 0 else mpmath.exp(x)),
+    "softsign": (lambda x: x / (1 + abs(x)), lambda x: 1 / (1 + abs(x)) ** 2),
+}
+_SERIES["swish"] = _SERIES["silu"]
+
+
+def _series_same(layer, q11, q22, q12):
+    """E[φ(u)φ(v)] and E[φ'(u)φ'(v)] of a Hermite-series activation for identical
+    inputs only (u = v, a one-dimensional Gaussian integral by ``mpmath.quad``).
+
+    Enough to follow the variances of single inputs through a network (how large
+    or small they get); pairs of different inputs are not supported.
+    """
+    if not (q11 == q22 == q12):
+        raise AssertionError(f"no mpmath reference for {layer} between different inputs")
+    f, df = _SERIES[layer.name]
+    root = mpmath.sqrt(q11)
+
+    def gauss(g):
+        return mpmath.quad(lambda z: g(root * z) ** 2 * mpmath.npdf(z), [-mpmath.inf, 0,
+                                                                          mpmath.inf])
+    k, d = gauss(f), gauss(df)
+    return (k, k, k), (d, d, d)
 
 
 def _smooth(layer):
@@ -170,7 +210,8 @@ def _smooth(layer):
 
         def kern(x, y, z):
             t = 2 * b * b
-            det = (1 + t * x) * (1 + t * y) - (t * z) ** 2
+            # (1 + t x)(1 + t y) − (t z)², without its cancellation at large t x
+            det = 1 + t * (x + y) + t * t * (x * y - z * z)
             return (2 * a * a / mp.pi * mp.asin(t * z / mp.sqrt((1 + t * x) * (1 + t * y)))
                     + c * c, 4 * a * a * b * b / mp.pi / mp.sqrt(det))
         return kern
@@ -178,14 +219,16 @@ def _smooth(layer):
         a, b = mp.mpf(p["a"]), mp.mpf(p["b"])
 
         def kern(x, y, z):
-            val = a * a * mp.exp(b * b * (x + y + 2 * z) / 2)
+            val = a * a * _exp(b * b * (x + y + 2 * z) / 2)
             return val, b * b * val
         return kern
     if name == "gaussian":
         a, b = mp.mpf(p["a"]), mp.mpf(p["b"])
 
         def kern(x, y, z):
-            det = (1 - 2 * b * x) * (1 - 2 * b * y) - 4 * b * b * z * z
+            det = 1 - 2 * b * (x + y) + 4 * b * b * (x * y - z * z)
+            if det <= 0:
+                raise ValueError("gaussian: E[φ(u)φ(v)] is infinite (1 - 4 b q <= 0)")
             return a * a / mp.sqrt(det), 4 * a * a * b * b * z / det ** mp.mpf(1.5)
         return kern
     if name in ("sin", "cos", "rbf"):
@@ -196,17 +239,28 @@ def _smooth(layer):
             c = c + mp.pi / 2 if name == "cos" else c
 
         def kern(x, y, z):
-            minus = mp.exp(-b * b * (x + y - 2 * z) / 2)
-            plus = mp.cos(2 * c) * mp.exp(-b * b * (x + y + 2 * z) / 2)
+            minus = _exp(-b * b * (x + y - 2 * z) / 2)
+            plus = mp.cos(2 * c) * _exp(-b * b * (x + y + 2 * z) / 2)
             return a * a / 2 * (minus - plus), a * a * b * b / 2 * (minus + plus)
         return kern
     raise AssertionError(f"no mpmath reference for {layer}")
 
 
+def _exp(x):
+    """mpmath's exp, but exactly 0 below e^(-10^5) and an error above e^(10^5):
+    no float comes near either, and mpmath would spend minutes and gigabytes on
+    arguments like 10^25."""
+    if x < -10 ** 5:
+        return mpmath.mpf(0)
+    if x > 10 ** 5:
+        raise ValueError(f"exp({mpmath.nstr(x, 3)}) is infinite to any float precision")
+    return mpmath.exp(x)
+
+
 # ------------------------------------------------------------ images and sequences
 
 
-def spatial_kernel_mp(spec, x1, x2, dps=30):
+def spatial_kernel_mp(spec, x1, x2, dps=30, trace=None):
     """K and Θ of a network on two images (H, W, C) or sequences (L, C), in mpmath.
 
     The whole joint covariance of the positions of both inputs is carried
@@ -217,15 +271,20 @@ def spatial_kernel_mp(spec, x1, x2, dps=30):
     (or n mean K + 1 + σ_w² mean Θ, n = k_y k_x C, "standard"); pooling
     averages over windows; flatten keeps the mean of the same-position
     covariances; activations act on every entry with closed forms (the ReLU
-    family by the Cho–Saul formula of order 1, the others as in ``_smooth``).
-    Returns ((K11, K12, K22), (Θ11, Θ12, Θ22)) as floats.
+    family by the Cho–Saul formula of order 1, the others as in ``_smooth``);
+    dropout scales the variance of each unit with itself (same input, same
+    position). Returns ((K11, K12, K22), (Θ11, Θ12, Θ22)) as floats. With a
+    list ``trace``, every layer (inside blocks too) is appended to it as
+    ``(layer, (K, Θ) before, (K, Θ) after)``, K and Θ the joint matrices over
+    both inputs' positions (first x1's, then x2's) in mpmath numbers.
     """
     import numpy as np
 
     with mpmath.workdps(dps):
         x1 = np.asarray(x1, dtype=float)
         x2 = np.asarray(x2, dtype=float)
-        if x1.ndim == 2:
+        sequence = x1.ndim == 2
+        if sequence:
             x1, x2 = x1[None], x2[None]
         h, w, ch = x1.shape
         pts = [(y, xx) for y in range(h) for xx in range(w)]
@@ -234,7 +293,9 @@ def spatial_kernel_mp(spec, x1, x2, dps=30):
         k = [[mpmath.fsum(a * b for a, b in zip(vecs[u], vecs[v])) / ch for v in range(n)]
              for u in range(n)]
         t = [[mpmath.mpf(0)] * n for _ in range(n)]
-        state = {"k": k, "t": t, "shape": (h, w), "fan_in": ch, "vector": False}
+        state = {"k": k, "t": t, "shape": (h, w), "fan_in": ch, "vector": False,
+                 "sequence": sequence}
+        state["trace"] = trace
         for layer in (lk.parse(spec) if isinstance(spec, str) else lk.serial(spec)).layers:
             state = _spatial_layer(layer, state)
         k, t = state["k"], state["t"]
@@ -263,10 +324,11 @@ def _axis(size, k, stride, padding):
     return rows
 
 
-def _sizes(value, shape):
+def _sizes(value, sequence):
+    """(k_y, k_x): sequences have one axis, images two (even one row high)."""
     if isinstance(value, tuple):
         return (int(value[0]), int(value[1])) if len(value) == 2 else (1, int(value[0]))
-    return (1, int(value)) if shape[0] == 1 else (int(value), int(value))
+    return (1, int(value)) if sequence else (int(value), int(value))
 
 
 def _windows(shape, k, stride, padding):
@@ -282,15 +344,23 @@ def _windows(shape, k, stride, padding):
 
 
 def _spatial_layer(layer, state):
+    out = _spatial_step(layer, state)
+    out["trace"] = state["trace"]
+    if state["trace"] is not None:
+        state["trace"].append((layer, (state["k"], state["t"]), (out["k"], out["t"])))
+    return out
+
+
+def _spatial_step(layer, state):
     k, t, shape = state["k"], state["t"], state["shape"]
     n = len(k)
     per = n // 2
     if isinstance(layer, (lk.Conv, lk.AvgPool)):
-        size = _sizes(layer.k, shape)
+        size = _sizes(layer.k, state["sequence"])
         if isinstance(layer, lk.Conv):
-            stride = _sizes(layer.stride, shape)
+            stride = _sizes(layer.stride, state["sequence"])
         else:
-            stride = size if layer.stride is None else _sizes(layer.stride, shape)
+            stride = size if layer.stride is None else _sizes(layer.stride, state["sequence"])
         wins, out_shape = _windows(shape, size, stride, layer.padding)
         m = len(wins)
         index = [(side, o) for side in range(2) for o in range(m)]
@@ -327,7 +397,8 @@ def _spatial_layer(layer, state):
             fan_in = layer.width if layer.width is not None else state["fan_in"]
         else:
             k, t, fan_in = mk, mt, state["fan_in"]
-        return {"k": k, "t": t, "shape": out_shape, "fan_in": fan_in, "vector": False}
+        return {"k": k, "t": t, "shape": out_shape, "fan_in": fan_in, "vector": False,
+                "sequence": state["sequence"]}
     if isinstance(layer, (lk.GlobalAvgPool, lk.Flatten)):
         out_k = [[0, 0], [0, 0]]
         out_t = [[0, 0], [0, 0]]
@@ -340,7 +411,8 @@ def _spatial_layer(layer, state):
                 out_k[a][b] = mpmath.fsum(k[u][v] for u, v in cells) / len(cells)
                 out_t[a][b] = mpmath.fsum(t[u][v] for u, v in cells) / len(cells)
         fan_in = state["fan_in"] * (per if isinstance(layer, lk.Flatten) else 1)
-        return {"k": out_k, "t": out_t, "shape": (1, 1), "fan_in": fan_in, "vector": True}
+        return {"k": out_k, "t": out_t, "shape": (1, 1), "fan_in": fan_in, "vector": True,
+                "sequence": state["sequence"]}
     if isinstance(layer, lk.Dense):
         w2, b2 = mpmath.mpf(layer.w_std) ** 2, mpmath.mpf(layer.b_std) ** 2
         kk, bb = (w2, b2) if layer.parameterization == "ntk" else \
@@ -375,6 +447,11 @@ def _spatial_layer(layer, state):
         t = [[mpmath.fsum(wt * p["t"][u][v] for wt, p in parts) for v in range(size)]
              for u in range(size)]
         return {**parts[-1][1], "k": k, "t": t}
+    if isinstance(layer, lk.Dropout):
+        s = 1 / (1 - mpmath.mpf(layer.p))
+        k = [[k[u][v] * (s if u == v else 1) for v in range(n)] for u in range(n)]
+        t = [[t[u][v] * (s if u == v else 1) for v in range(n)] for u in range(n)]
+        return {**state, "k": k, "t": t}
     # an activation, entry by entry
     kern = _pair_closed_form(layer)
     nk = [[None] * n for _ in range(n)]
@@ -420,14 +497,25 @@ def _pair_closed_form(layer):
             # Q = 1 + y, R = P Q − z², A = asin(z/√(PQ)) (Stein's lemma on
             # E[u 1{u ≥ g}] forms); E' by differentiating in z (Price).
             pp, qq = 1 + x, 1 + y
-            r = pp * qq - z * z
+            r = 1 + x + y + (x * y - z * z)
             ang = mpmath.asin(z / mpmath.sqrt(pp * qq))
             val = z / 4 + z * ang / (2 * mpmath.pi) + (x * y * r + z * z) / (
                 2 * mpmath.pi * pp * qq * mpmath.sqrt(r))
             der = mpmath.diff(lambda zz: zz / 4 + zz * mpmath.asin(zz / mpmath.sqrt(pp * qq)) /
-                              (2 * mpmath.pi) + (x * y * (pp * qq - zz * zz) + zz * zz) /
-                              (2 * mpmath.pi * pp * qq * mpmath.sqrt(pp * qq - zz * zz)), z)
+                              (2 * mpmath.pi) + (x * y * (1 + x + y + (x * y - zz * zz)) + zz * zz) /
+                              (2 * mpmath.pi * pp * qq * mpmath.sqrt(1 + x + y + (x * y - zz * zz))), z)
             return val, der
+        return kern
+    if name == "relu_pow":
+        f, df, m = _homogeneous(layer)
+
+        def kern(x, y, z):
+            # by quadrature, as for vectors (slow: one integral per entry)
+            s = mpmath.sqrt(x * y)
+            if s == 0:
+                return mpmath.mpf(0), mpmath.mpf(0)
+            th = mpmath.acos(max(min(z / s, 1), -1))
+            return _angular(f, f, m, th) * s ** m, _angular(df, df, m - 1, th) * s ** (m - 1)
         return kern
     smooth = _smooth(layer)
     return smooth

@@ -132,6 +132,29 @@ def test_identical_images_give_exactly_the_diagonal_when_pooling(spec):
         assert cross[0, 0] == out[kind][0, 0]
 
 
+def test_an_image_strided_to_one_row_is_still_an_image():
+    """k=3 stays 3×3 on an image one row high (found by fuzzing: it was taken for a
+    sequence, and its kernel was 1×3, three times too large). Reference: Neural
+    Tangents 0.6.5, float64::
+
+        x = np.random.default_rng(0).standard_normal((2, 2, 2, 1))
+        _, _, kf = stax.serial(stax.Conv(8, (1, 1), strides=(2, 2), padding="SAME"),
+                               stax.Relu(), stax.Conv(8, (3, 3), padding="SAME"),
+                               stax.Relu(), stax.Flatten(), stax.Dense(1))
+        kf(x, None, ("nngp", "ntk"))
+    """
+    x = np.random.default_rng(0).standard_normal((2, 2, 2, 1))
+    out = lk.kernel("conv(k=1, stride=2), relu, conv(k=3), relu, flatten, dense", x)
+    nngp = [[0.00043911356933871, 0.0005955032309589452],
+            [0.0005955032309589452, 0.0079706021484116]]
+    ntk = [[0.00131734070801613, 0.0005955032309589452],
+           [0.0005955032309589452, 0.023911806445234798]]
+    np.testing.assert_allclose(out["nngp"], nngp, rtol=1e-13)
+    np.testing.assert_allclose(out["ntk"], ntk, rtol=1e-13)
+    with pytest.raises(lk.SpecError, match="has two axes, but the input is a sequence"):
+        lk.kernel("conv(k=3:2), relu, flatten, dense", np.ones((2, 5, 1)))
+
+
 @pytest.mark.parametrize("spec, shape", [
     ("conv(k=2), flatten, dense", (1, 3)),
     ("conv(k=2), global_avg_pool, dense", (1, 3)),

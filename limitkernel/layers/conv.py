@@ -108,17 +108,22 @@ class _Spatial(Layer, OpKind):
                             "axes and sequences one")
         return out[0] if len(out) == 1 else tuple(out)
 
-    def _sizes(self, key, spatial, where):
-        """(k_y, k_x) of ``key`` for the spatial shape (1, L) or (H, W)."""
+    def _sizes(self, key, sequence, where):
+        """(k_y, k_x) of ``key`` on sequences (1, k) or images (k_y, k_x).
+
+        Whether the network runs on sequences is a matter of its inputs, never
+        of the current shape: an image that strides down to one row stays an
+        image, and ``k=3`` there is still 3×3.
+        """
         value = self.params[key]
         if isinstance(value, tuple):
-            if spatial[0] == 1 and len(value) == 2 and value[0] != 1:
+            if sequence and len(value) == 2 and value[0] != 1:
                 raise SpecError(f"{where}: {key}={value} has two axes, but the input is a "
                                 "sequence (N, L, C); give one size")
             if len(value) == 2:
                 return int(value[0]), int(value[1])
             value = value[0]
-        if spatial[0] == 1:
+        if sequence:
             return 1, int(value)
         return int(value), int(value)
 
@@ -192,8 +197,8 @@ class Conv(_Spatial):
         spatial = builder.spatial
         if spatial is None:
             self._geometry(builder, where, (1, 1), (1, 1), self.padding, "filter")
-        k = self._sizes("k", spatial, where)
-        stride = self._sizes("stride", spatial, where)
+        k = self._sizes("k", builder.sequence, where)
+        stride = self._sizes("stride", builder.sequence, where)
         geometry, shape_out = self._geometry(builder, where, k, stride, self.padding,
                                              "filter")
         w_var, b_var = self.w_std ** 2, self.b_std ** 2
@@ -207,7 +212,7 @@ class Conv(_Spatial):
                                 "width (output channels) for the NTK of the next layer; "
                                 "add width=...")
         builder.emit(self, where, w_var=w_var, b_var=b_var, theta_k=theta_k,
-                     theta_b=theta_b, geometry=geometry)
+                     theta_b=theta_b, geometry=geometry, taps=k)
         builder.spatial = shape_out
         if self.width is not None:
             builder.fan_in = self.width
@@ -231,7 +236,7 @@ class Conv(_Spatial):
     # signal are those of a dense layer with fan-in k_y·k_x·C.
 
     def finite_init(self, op, fan_in, fan_out, rng):
-        ky, kx = self._sizes("k", op.shape, op.where)
+        ky, kx = op.params["taps"]
         return ConvParams(self, ky * kx * fan_in, fan_out, rng)
 
     def finite_width(self, op, width, stash):
@@ -281,8 +286,8 @@ class AvgPool(_Spatial):
         spatial = builder.spatial
         if spatial is None:
             self._geometry(builder, where, (1, 1), (1, 1), self.padding, "window")
-        k = self._sizes("k", spatial, where)
-        stride = k if self.stride is None else self._sizes("stride", spatial, where)
+        k = self._sizes("k", builder.sequence, where)
+        stride = k if self.stride is None else self._sizes("stride", builder.sequence, where)
         geometry, shape_out = self._geometry(builder, where, k, stride, self.padding,
                                              "window")
         builder.emit(self, where, geometry=geometry)
