@@ -26,7 +26,10 @@ b̂_t = b_t/B, the identity
 
     1 − ρ' = Σ_t w â_t b̂_t (1 − ρ_t) + ½ Σ_t w (â_t − b̂_t)² + ½ σ_b² (1/A − 1/B)²,
 
-w = σ_w²/(k_y k_x), holds exactly and has no cancellation. ``flatten`` is the
+w = σ_w²/(k_y k_x), holds exactly and has no cancellation. The passes take it
+only where it matters: where the direct 1 − K/(A B) is at least 1/64 they keep
+that (an absolute error of at most taps + 4 ulp, below 1e-13 of 1 − ρ), below
+it, and for identical inputs, the identity. ``flatten`` is the
 same sum over positions with w = 1/P. Pooling averages correlated terms, for
 which no such form exists: after a pool, 1 − ρ is 1 − K/√(K(x, x) K(x', x'))
 (absolute error of order 1e-16, and exactly 0 for identical inputs).
@@ -407,163 +410,221 @@ def tap_sum(program, geometry, q):
 
 # ------------------------------------------------------------ kernels, pairs of positions
 #
-# States of one pair of inputs, (P, P) arrays with P = H·W, positions in row-major
-# order; ``a``, ``b`` the roots of the diagonals of the two inputs at each
-# position entering the op, ``A``, ``B`` those leaving it.
+# A row input against LANES column inputs at once. Each state (K, 1 − ρ, Θ) is
+# a (P, P·LANES) array: entry [p, q·LANES + l] belongs to positions (p, q) of the
+# pair (row input, column input l), so every loop over positions runs over
+# contiguous blocks of LANES pairs. ``a`` (P,) holds the row input's roots at the
+# positions entering an op, ``b`` (P·LANES,) the columns' (same indexing), and
+# ``big_a``, ``big_b`` those leaving it.
+
+LANES = 8
+
+# Below this value of the direct 1 − K/(A B) after a convolution, 1 − ρ is
+# recomputed from the identity of the module docstring. Above it the direct form
+# errs by at most (taps + 4) ulp in absolute terms (K is a sum of terms bounded
+# by A B), below 1e-13 of 1 − ρ itself.
+CORR_DIRECT = 1.0 / 64.0
 
 
 @jit
-def _y_pass(x, u, wi, ky, sy, imap, runs):
-    """u[(oy, px), (o2y, qx)] = Σ_ty x[(iy, px), (jy, qx)] (the same tap on both sides).
+def _add_run(d, q, n):
+    """d[:n] += q[:n]."""
+    for m in range(n):
+        d[m] += q[m]
 
-    Over the runs of each tap, so that every inner loop is a contiguous add:
-    with stride 1 it spans all the columns of a run at once.
-    """
-    for ty in range(ky):
+
+@jit
+def _sum_rows(dst, x, rows, offs, count, n):
+    """dst[:n] = Σ_{j < count} x[rows[j], offs[j]:offs[j] + n], up to three terms
+    per pass over dst (one store per entry for three taps or fewer)."""
+    if count == 0:
+        dst[:n] = 0.0
+        return
+    q0 = x[rows[0], offs[0]:]
+    if count == 1:
+        for m in range(n):
+            dst[m] = q0[m]
+        return
+    q1 = x[rows[1], offs[1]:]
+    if count == 2:
+        for m in range(n):
+            dst[m] = q0[m] + q1[m]
+        return
+    q2 = x[rows[2], offs[2]:]
+    for m in range(n):
+        dst[m] = q0[m] + q1[m] + q2[m]
+    for j in range(3, count, 3):
+        q0 = x[rows[j], offs[j]:]
+        if j + 1 == count:
+            for m in range(n):
+                dst[m] += q0[m]
+            continue
+        q1 = x[rows[j + 1], offs[j + 1]:]
+        if j + 2 == count:
+            for m in range(n):
+                dst[m] += q0[m] + q1[m]
+            continue
+        q2 = x[rows[j + 2], offs[j + 2]:]
+        for m in range(n):
+            dst[m] += q0[m] + q1[m] + q2[m]
+
+
+@jit
+def _first_tap(k, out, imap, runs):
+    """A tap whose runs cover all ``out`` outputs along an axis, or -1."""
+    for t in range(k):
+        covered = 0
         for ra in range(2):
-            base_a = runs + (ty * 2 + ra) * 3
-            a0, a1, ai = imap[base_a], imap[base_a + 1], imap[base_a + 2]
-            for oy in range(a0, a1):
-                iy = ai + sy * (oy - a0)
-                for px in range(wi):
-                    dst = u[oy * wi + px]
-                    src = x[iy * wi + px]
-                    for rb in range(2):
-                        base_b = runs + (ty * 2 + rb) * 3
-                        b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
-                        # Slices indexed from 0 let the compiler vectorise.
-                        if sy == 1:
-                            n = (b1 - b0) * wi
-                            d = dst[b0 * wi:b0 * wi + n]
-                            q = src[bi * wi:bi * wi + n]
-                            for m in range(n):
-                                d[m] += q[m]
-                        else:
-                            for o2y in range(b0, b1):
-                                s0 = (bi + sy * (o2y - b0)) * wi
-                                d = dst[o2y * wi:o2y * wi + wi]
-                                q = src[s0:s0 + wi]
-                                for m in range(wi):
-                                    d[m] += q[m]
+            base = runs + (t * 2 + ra) * 3
+            covered += max(imap[base + 1] - imap[base], 0)
+        if covered == out:
+            return t
+    return -1
 
 
 @jit
-def _x_pass(u_k, u_g, u_t, v_k, v_g, v_t, wi, ho, wo, kx, sx, imap, runs, want_ntk):
-    """v[(oy, ox), (o2y, o2x)] = Σ_tx u[(oy, ix), (o2y, jx)], for K, G and Θ at once."""
-    for tx in range(kx):
-        for ra in range(2):
-            base_a = runs + (tx * 2 + ra) * 3
-            a0, a1, ai = imap[base_a], imap[base_a + 1], imap[base_a + 2]
-            for ox in range(a0, a1):
-                ix = ai + sx * (ox - a0)
-                for oy in range(ho):
-                    dst = oy * wo + ox
-                    src = oy * wi + ix
-                    for rb in range(2):
-                        base_b = runs + (tx * 2 + rb) * 3
-                        b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
-                        n = b1 - b0
-                        if n <= 0:
-                            continue
-                        for o2y in range(ho):
-                            d0 = o2y * wo + b0
-                            s0 = o2y * wi + bi
-                            s1 = s0 + sx * (n - 1) + 1
-                            dk = v_k[dst, d0:d0 + n]
-                            dg = v_g[dst, d0:d0 + n]
-                            qk = u_k[src, s0:s1:sx]
-                            qg = u_g[src, s0:s1:sx]
-                            for m in range(n):
-                                dk[m] += qk[m]
-                                dg[m] += qg[m]
-                            if want_ntk:
-                                dt = v_t[dst, d0:d0 + n]
-                                qt = u_t[src, s0:s1:sx]
-                                for m in range(n):
-                                    dt[m] += qt[m]
+def _tap_order(step, first):
+    """The tap of a step when tap ``first`` (if >= 0) goes first."""
+    if first < 0 or step > first:
+        return step
+    return first if step == 0 else step - 1
 
 
 @jit
-def conv_pairs(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, imap, p,
-               want_ntk, u_k, u_g, u_t, g_in, ahat, bhat):
-    """Convolution of one pair's (P_in, P_in) state into its (P_out, P_out) state.
+def _copy_or_add(d, q, n, assign):
+    """d[:n] = q[:n] with ``assign``, else d[:n] += q[:n]."""
+    if assign:
+        for m in range(n):
+            d[m] = q[m]
+    else:
+        for m in range(n):
+            d[m] += q[m]
 
-    The stencil is separable: sums over the y taps into ``u_*`` (H_out·W_in)²,
-    then over the x taps. 1 − ρ' by the identity of the module docstring, its
-    first term a stencil of a_p b_q (1 − ρ_pq) (``g_in``), the others from the
-    normalised tap roots ``ahat`` (P_out, taps), ``bhat`` (taps, P_out).
+
+@jit
+def _y_pass(x, u, wi, ho, ky, sy, oy_map, imap, runs):
+    """u[(oy, px), (o2y, qx)] = Σ_ty x[(iy, px), (jy, qx)]: the same tap on both sides.
+
+    Output row by output row, so that it and the few input rows it reads stay
+    in cache. Per tap, the columns come in up to two runs whose inputs advance
+    by the stride, so with stride 1 each is one contiguous add over whole rows
+    of positions. A tap that reaches every output goes first and assigns (no
+    zeroing).
     """
+    row = wi * LANES
+    first = _first_tap(ky, ho, imap, runs)
+    for px in range(wi):
+        for oy in range(ho):
+            dst = u[oy * wi + px]
+            if first < 0:
+                dst[:ho * row] = 0.0
+            for step in range(ky):
+                ty = _tap_order(step, first)
+                iy = imap[oy_map + oy * ky + ty]
+                if iy < 0:
+                    continue
+                assign = step == 0 and first >= 0
+                src = x[iy * wi + px]
+                for rb in range(2):
+                    base_b = runs + (ty * 2 + rb) * 3
+                    b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
+                    if b1 <= b0:
+                        continue
+                    if sy == 1:
+                        _copy_or_add(dst[b0 * row:], src[bi * row:], (b1 - b0) * row, assign)
+                    else:
+                        for o2y in range(b0, b1):
+                            _copy_or_add(dst[o2y * row:], src[(bi + sy * (o2y - b0)) * row:],
+                                         row, assign)
+
+
+@jit
+def conv_y_lanes(k_in, t_in, u_k, u_t, geo, imap, ntk_pass):
+    """First half of a convolution of the lanes' states: the y taps of K (and Θ
+    with ``ntk_pass``) into ``u_k``, ``u_t`` (H_out·W_in rows)."""
+    wi, ho, ky, oy_map, sy, runs_y = geo[1], geo[2], geo[4], geo[6], geo[8], geo[10]
+    _y_pass(k_in, u_k, wi, ho, ky, sy, oy_map, imap, runs_y)
+    if ntk_pass:
+        _y_pass(t_in, u_t, wi, ho, ky, sy, oy_map, imap, runs_y)
+
+
+@jit
+def _x_row(u, dst, oy, ox, wi, ho, wo, kx, sx, ox_map, imap, runs):
+    """dst[(o2y, o2x)] = Σ_tx u[(oy, ix), (o2y, jx)]: the x taps of output (oy, ox).
+
+    Per tap, the columns come in up to two runs whose inputs advance by the
+    stride (one contiguous add per o2y with stride 1); a tap that reaches every
+    output goes first and assigns.
+    """
+    first = _first_tap(kx, wo, imap, runs)
+    if first < 0:
+        dst[:ho * wo * LANES] = 0.0
+    for step in range(kx):
+        tx = _tap_order(step, first)
+        ix = imap[ox_map + ox * kx + tx]
+        if ix < 0:
+            continue
+        assign = step == 0 and first >= 0
+        src = u[oy * wi + ix]
+        for rb in range(2):
+            base_b = runs + (tx * 2 + rb) * 3
+            b0, b1, bi = imap[base_b], imap[base_b + 1], imap[base_b + 2]
+            n = b1 - b0
+            if n <= 0:
+                continue
+            if sx == 1 and n == wo and wo == wi:
+                # whole rows of positions: one run over all of them
+                _copy_or_add(dst, src, ho * wo * LANES, assign)
+                continue
+            for o2y in range(ho):
+                d0 = (o2y * wo + b0) * LANES
+                s0 = (o2y * wi + bi) * LANES
+                if sx == 1:
+                    _copy_or_add(dst[d0:], src[s0:], n * LANES, assign)
+                else:
+                    for m in range(n):
+                        _copy_or_add(dst[d0 + m * LANES:], src[s0 + sx * m * LANES:], LANES,
+                                     assign)
+
+
+@jit
+def conv_x_row(u_k, u_t, ko, to, o, geo, imap, p, want_ntk, theta_zero):
+    """Second half of a convolution, output position o: the x taps of K (and Θ),
+    then K ← σ_w² mean + σ_b² and Θ ← (θ_k/taps) ΣK + θ_b + σ_w² mean Θ."""
     w_var, b_var, theta_k, theta_b = p[0], p[1], p[2], p[3]
-    hi, wi, ho, wo, ky, kx = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
-    oy_map, ox_map, sy, sx, runs_y, runs_x = geo[6], geo[7], geo[8], geo[9], geo[10], \
-        geo[11]
-    pi = hi * wi
-    po = ho * wo
+    wi, ho, wo, ky, kx, ox_map, sx, runs_x = geo[1], geo[2], geo[3], geo[4], geo[5], \
+        geo[7], geo[9], geo[11]
     taps = ky * kx
     w = w_var / taps
-    for r in range(pi):
-        ar = a[r]
-        cr = c_in[r]
-        gr = g_in[r]
-        for s in range(pi):
-            gr[s] = ar * b[s] * cr[s]
-    rows_u = ho * wi
-    u_k[:rows_u, :rows_u] = 0.0
-    u_g[:rows_u, :rows_u] = 0.0
-    k_out[:po, :po] = 0.0
-    c_out[:po, :po] = 0.0
-    _y_pass(k_in, u_k, wi, ky, sy, imap, runs_y)
-    _y_pass(g_in, u_g, wi, ky, sy, imap, runs_y)
-    if want_ntk:
-        u_t[:rows_u, :rows_u] = 0.0
-        t_out[:po, :po] = 0.0
-        _y_pass(t_in, u_t, wi, ky, sy, imap, runs_y)
-    _x_pass(u_k, u_g, u_t, k_out, c_out, t_out, wi, ho, wo, kx, sx, imap, runs_x, want_ntk)
-    # Normalised tap roots: â[o, t] = a_{in(o, t)} / A_o (0 in the padding).
-    for o in range(po):
+    theta_scale = theta_k / taps
+    oy = o // wo
+    ox = o - oy * wo
+    n = ho * wo * LANES
+    _x_row(u_k, ko, oy, ox, wi, ho, wo, kx, sx, ox_map, imap, runs_x)
+    if want_ntk and not theta_zero:
+        _x_row(u_t, to, oy, ox, wi, ho, wo, kx, sx, ox_map, imap, runs_x)
+        for m in range(n):
+            to[m] = theta_scale * ko[m] + theta_b + w * to[m]
+    elif want_ntk:
+        for m in range(n):
+            to[m] = theta_scale * ko[m] + theta_b
+    for m in range(n):
+        ko[m] = w * ko[m] + b_var
+
+
+@jit
+def tap_map(geo, imap, taps_of):
+    """taps_of[o, t]: the input position of output o at tap t, or -1 (padding)."""
+    wi, ho, wo, ky, kx, oy_map, ox_map = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], \
+        geo[7]
+    for o in range(ho * wo):
         oy = o // wo
         ox = o - oy * wo
-        inv_a = 1.0 / big_a[o] if big_a[o] > 0.0 else 0.0
-        inv_b = 1.0 / big_b[o] if big_b[o] > 0.0 else 0.0
         for ty in range(ky):
             iy = imap[oy_map + oy * ky + ty]
             for tx in range(kx):
                 ix = imap[ox_map + ox * kx + tx]
-                t = ty * kx + tx
-                if iy < 0 or ix < 0:
-                    ahat[o, t] = 0.0
-                    bhat[t, o] = 0.0
-                else:
-                    ahat[o, t] = a[iy * wi + ix] * inv_a
-                    bhat[t, o] = b[iy * wi + ix] * inv_b
-    theta_scale = theta_k / taps
-    half_w = 0.5 * w
-    for o in range(po):
-        big = big_a[o]
-        inv_a = 1.0 / big if big > 0.0 else 0.0
-        ko = k_out[o]
-        co = c_out[o]
-        if want_ntk:
-            to = t_out[o]
-            for o2 in range(po):
-                to[o2] = theta_scale * ko[o2] + theta_b + w * to[o2]
-        for o2 in range(po):
-            ko[o2] = w * ko[o2] + b_var
-        for o2 in range(po):
-            inv_b = 1.0 / big_b[o2] if big_b[o2] > 0.0 else 0.0
-            gap = inv_a - inv_b
-            co[o2] = w * co[o2] * inv_a * inv_b + 0.5 * b_var * gap * gap
-        for t in range(taps):
-            av = ahat[o, t]
-            bt = bhat[t]
-            for o2 in range(po):
-                d = av - bt[o2]
-                co[o2] += half_w * d * d
-        for o2 in range(po):
-            if big > 0.0 and big_b[o2] > 0.0:
-                co[o2] = min(max(co[o2], 0.0), 2.0)
-            else:
-                co[o2] = 0.0
+                taps_of[o, ty * kx + tx] = iy * wi + ix if iy >= 0 and ix >= 0 else -1
 
 
 @jit
@@ -578,107 +639,192 @@ def _root_of_product(u, v):
     return math.sqrt(u) * math.sqrt(v)
 
 
-@jit
-def pool_pairs(k_in, t_in, k_out, c_out, t_out, var_a, var_b, geo, imap, want_ntk, u_k, u_t):
-    """Average pooling of one pair's state: the mean over the windows of p and of p'.
 
-    1 − ρ' = 1 − K'/√(K'(x, x) K'(x', x')) from the pooled variances ``var_a``,
-    ``var_b`` (exactly 0 for identical inputs).
+@jit
+def _conv_corr_entry(c_in, a, b, inv_a, inv_b, rows, cols, lane, w, b_var):
+    """1 − ρ of one output entry by the identity of the module docstring; ``rows``,
+    ``cols`` the input positions of its taps on either side (-1 in the padding)."""
+    acc = 0.0
+    dev = 0.0
+    for t in range(rows.shape[0]):
+        r = rows[t]
+        s = cols[t]
+        av = a[r] * inv_a if r >= 0 else 0.0
+        bv = b[s * LANES + lane] * inv_b if s >= 0 else 0.0
+        if r >= 0 and s >= 0:
+            acc += av * bv * c_in[r, s * LANES + lane]
+        d = av - bv
+        dev += d * d
+    gap = inv_a - inv_b
+    return min(max(w * (acc + 0.5 * dev) + 0.5 * b_var * gap * gap, 0.0), 2.0)
+
+
+@jit
+def inverse_roots(big, inv):
+    """inv = 1/big, 0 where big is 0."""
+    for m in range(big.shape[0]):
+        inv[m] = 1.0 / big[m] if big[m] > 0.0 else 0.0
+
+
+@jit
+def conv_corr_row(ko, co, c_in, a, b, big_a, inv_b, o, taps_of, taps, p):
+    """1 − ρ of output position o after a convolution, from its K (``ko``) and
+    the roots leaving it: the row input's ``big_a``, the inverses ``inv_b`` of
+    the columns' (:func:`inverse_roots`).
+
+    1 − K/(A B) where that is at least ``CORR_DIRECT``, otherwise the identity
+    of the module docstring (no cancellation); 0 where a variance is 0.
+    ``taps_of`` is :func:`tap_map` of the geometry.
+    """
+    b_var = p[1]
+    w = p[0] / taps
+    n = ko.shape[0]
+    inv_a = 1.0 / big_a if big_a > 0.0 else 0.0
+    low = 0
+    for m in range(n):
+        scale = inv_a * inv_b[m]
+        cm = min(max(1.0 - ko[m] * scale, 0.0), 2.0)
+        co[m] = cm if scale > 0.0 else 0.0
+        low += 1 if cm < CORR_DIRECT and scale > 0.0 else 0
+    if low == 0:
+        return
+    for m in range(n):
+        if co[m] < CORR_DIRECT and inv_a * inv_b[m] > 0.0:
+            o2 = m // LANES
+            co[m] = _conv_corr_entry(c_in, a, b, inv_a, inv_b[m], taps_of[o, :taps],
+                                     taps_of[o2, :taps], m - o2 * LANES, w, b_var)
+
+
+@jit
+def pool_lanes(k_in, t_in, k_out, t_out, geo, imap, want_ntk, theta_zero, u_k, u_t):
+    """K and Θ of average pooling: the mean over the windows of p and of p'.
+
+    First over the windows of p (whole rows, contiguous), into ``u_*``
+    (P_out rows), then over those of p'.
     """
     hi, wi, ho, wo, ky, kx, oy_map, ox_map = geo[0], geo[1], geo[2], geo[3], geo[4], \
         geo[5], geo[6], geo[7]
     pi = hi * wi
     po = ho * wo
     scale = 1.0 / (ky * kx * ky * kx)
-    # first the windows of p' (columns), then those of p (rows)
-    for r in range(pi):
-        for o2 in range(po):
-            o2y = o2 // wo
-            o2x = o2 - o2y * wo
-            sk = 0.0
-            st = 0.0
-            for ty in range(ky):
-                jy = imap[oy_map + o2y * ky + ty]
-                if jy < 0:
-                    continue
-                for tx in range(kx):
-                    jx = imap[ox_map + o2x * kx + tx]
-                    if jx < 0:
-                        continue
-                    sk += k_in[r, jy * wi + jx]
-                    if want_ntk:
-                        st += t_in[r, jy * wi + jx]
-            u_k[r, o2] = sk
-            u_t[r, o2] = st
+    ntk_pass = want_ntk and not theta_zero
+    rows = np.empty(ky * kx, dtype=np.int64)
+    offs = np.zeros(ky * kx, dtype=np.int64)
     for o in range(po):
         oy = o // wo
         ox = o - oy * wo
-        for o2 in range(po):
-            k_out[o, o2] = 0.0
-            t_out[o, o2] = 0.0
+        count = 0
         for ty in range(ky):
             iy = imap[oy_map + oy * ky + ty]
-            if iy < 0:
-                continue
             for tx in range(kx):
                 ix = imap[ox_map + ox * kx + tx]
-                if ix < 0:
-                    continue
-                src = iy * wi + ix
-                for o2 in range(po):
-                    k_out[o, o2] += u_k[src, o2]
-                if want_ntk:
-                    for o2 in range(po):
-                        t_out[o, o2] += u_t[src, o2]
+                if iy >= 0 and ix >= 0:
+                    rows[count] = iy * wi + ix
+                    count += 1
+        _sum_rows(u_k[o], k_in, rows, offs, count, pi * LANES)
+        if ntk_pass:
+            _sum_rows(u_t[o], t_in, rows, offs, count, pi * LANES)
+    for o in range(po):
+        ko = k_out[o]
+        to = t_out[o]
         for o2 in range(po):
-            kk = k_out[o, o2] * scale
-            k_out[o, o2] = kk
-            t_out[o, o2] *= scale
-            nrm = _root_of_product(var_a[o], var_b[o2])
-            c_out[o, o2] = min(max(1.0 - kk / nrm, 0.0), 2.0) if nrm > 0.0 else 0.0
+            o2y = o2 // wo
+            o2x = o2 - o2y * wo
+            count = 0
+            for ty in range(ky):
+                jy = imap[oy_map + o2y * ky + ty]
+                for tx in range(kx):
+                    jx = imap[ox_map + o2x * kx + tx]
+                    if jy >= 0 and jx >= 0:
+                        rows[count] = o
+                        offs[count] = (jy * wi + jx) * LANES
+                        count += 1
+            _sum_rows(ko[o2 * LANES:], u_k, rows, offs, count, LANES)
+            if ntk_pass:
+                _sum_rows(to[o2 * LANES:], u_t, rows, offs, count, LANES)
+        for m in range(po * LANES):
+            ko[m] *= scale
+        if ntk_pass:
+            for m in range(po * LANES):
+                to[m] *= scale
 
 
 @jit
-def global_pool_pairs(k_in, t_in, positions, var_a, var_b, want_ntk):
-    """Global average pooling of one pair's state: (K, 1 − ρ, Θ) of the pair."""
-    sk = 0.0
-    st = 0.0
+def pool_corr_lanes(k_out, c_out, var_a, var_b):
+    """1 − ρ' = 1 − K'/√(K'(x, x) K'(x', x')) after pooling, from the variances
+    leaving it (exactly 0 for identical inputs)."""
+    po = k_out.shape[0]
+    n = k_out.shape[1]
+    for o in range(po):
+        va = var_a[o]
+        ko = k_out[o]
+        co = c_out[o]
+        for m in range(n):
+            nrm = _root_of_product(va, var_b[m])
+            co[m] = min(max(1.0 - ko[m] / nrm, 0.0), 2.0) if nrm > 0.0 else 0.0
+
+
+@jit
+def global_pool_lanes(k_in, t_in, positions, want_ntk, out):
+    """Global average pooling: K and Θ of each lane into ``out[0]``, ``out[2]`` (LANES,)."""
+    sk = out[0]
+    st = out[2]
+    sk[:] = 0.0
+    st[:] = 0.0
+    n = positions * LANES
     for r in range(positions):
-        for s in range(positions):
-            sk += k_in[r, s]
+        kr = k_in[r]
+        for s in range(0, n, LANES):
+            _add_run(sk, kr[s:], LANES)
         if want_ntk:
-            for s in range(positions):
-                st += t_in[r, s]
+            tr = t_in[r]
+            for s in range(0, n, LANES):
+                _add_run(st, tr[s:], LANES)
     scale = 1.0 / (positions * positions)
-    kk = sk * scale
-    nrm = _root_of_product(var_a, var_b)
-    c = min(max(1.0 - kk / nrm, 0.0), 2.0) if nrm > 0.0 else 0.0
-    return kk, c, st * scale
+    for lane in range(LANES):
+        sk[lane] *= scale
+        st[lane] *= scale
 
 
 @jit
-def flatten_entry(k, c, t, a, b, big_a, big_b, positions, want_ntk):
-    """Flatten of one pair from the same-position entries of its (P, P) state.
+def global_pool_corr_lanes(out, var_a, var_b):
+    """1 − ρ after global pooling, into ``out[1]``, from the variances leaving it."""
+    for lane in range(LANES):
+        nrm = _root_of_product(var_a, var_b[lane])
+        out[1, lane] = min(max(1.0 - out[0, lane] / nrm, 0.0), 2.0) if nrm > 0.0 else 0.0
 
-    K ← mean_p K_pp, Θ likewise, and 1 − ρ by the identity of the module
-    docstring with w = 1/P and no bias.
-    """
+
+@jit
+def flatten_lanes(k, t, positions, want_ntk, out):
+    """Flatten: K ← mean_p K_pp and Θ likewise, per lane, into ``out[0]``, ``out[2]``."""
     w = 1.0 / positions
-    sk = 0.0
-    st = 0.0
-    sc = 0.0
+    for lane in range(LANES):
+        sk = 0.0
+        st = 0.0
+        for r in range(positions):
+            sk += k[r, r * LANES + lane]
+            if want_ntk:
+                st += t[r, r * LANES + lane]
+        out[0, lane] = w * sk
+        out[2, lane] = w * st
+
+
+@jit
+def flatten_corr_lanes(c, a, b, big_a, big_b, positions, out):
+    """1 − ρ after flatten by the identity of the module docstring (w = 1/P, no bias)."""
+    w = 1.0 / positions
     inv_a = 1.0 / big_a if big_a > 0.0 else 0.0
-    inv_b = 1.0 / big_b if big_b > 0.0 else 0.0
-    for r in range(positions):
-        sk += k[r, r]
-        if want_ntk:
-            st += t[r, r]
-        av = a[r] * inv_a
-        bv = b[r] * inv_b
-        d = av - bv
-        sc += av * bv * c[r, r] + 0.5 * d * d
-    cc = min(max(w * sc, 0.0), 2.0) if big_a > 0.0 and big_b > 0.0 else 0.0
-    return w * sk, cc, w * st
+    for lane in range(LANES):
+        inv_b = 1.0 / big_b[lane] if big_b[lane] > 0.0 else 0.0
+        sc = 0.0
+        for r in range(positions):
+            m = r * LANES + lane
+            av = a[r] * inv_a
+            bv = b[m] * inv_b
+            d = av - bv
+            sc += av * bv * c[r, m] + 0.5 * d * d
+        out[1, lane] = min(max(w * sc, 0.0), 2.0) if big_a > 0.0 and big_b[lane] > 0.0 \
+            else 0.0
 
 
 # ------------------------------------------------------------ kernels, same positions
@@ -690,14 +836,23 @@ def flatten_entry(k, c, t, a, b, big_a, big_b, positions, want_ntk):
 
 @jit
 def conv_rows(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, imap, p,
-              want_ntk, inv_b):
-    """Convolution of the same-position state: (P_in, n) into (P_out, n)."""
+              want_ntk, theta_zero, inv_b):
+    """Convolution of the same-position state: (P_in, n) into (P_out, n).
+
+    K and Θ sum the taps (Θ only when it is not 0 entering, ``theta_zero``);
+    1 − ρ is 1 − K/(A B) where that is at least ``CORR_DIRECT``, otherwise, for
+    the positions that have such entries, the identity of the module docstring.
+    """
     w_var, b_var, theta_k, theta_b = p[0], p[1], p[2], p[3]
     wi, ho, wo, ky, kx, oy_map, ox_map = geo[1], geo[2], geo[3], geo[4], geo[5], \
         geo[6], geo[7]
     taps = ky * kx
     w = w_var / taps
+    theta_scale = theta_k / taps
+    ntk_pass = want_ntk and not theta_zero
     n = k_in.shape[1]
+    rows = np.empty(taps, dtype=np.int64)
+    offs = np.zeros(taps, dtype=np.int64)
     for o in range(ho * wo):
         oy = o // wo
         ox = o - oy * wo
@@ -707,44 +862,54 @@ def conv_rows(k_in, c_in, t_in, k_out, c_out, t_out, a, b, big_a, big_b, geo, im
         co = c_out[o]
         to = t_out[o]
         bo = big_b[o]
-        for j in range(n):
-            ko[j] = 0.0
-            co[j] = 0.0
-            if want_ntk:
-                to[j] = 0.0
-            inv_b[j] = 1.0 / bo[j] if bo[j] > 0.0 else 0.0
+        count = 0
         for ty in range(ky):
             iy = imap[oy_map + oy * ky + ty]
-            if iy < 0:
-                continue
             for tx in range(kx):
                 ix = imap[ox_map + ox * kx + tx]
-                if ix < 0:
-                    continue
+                if iy >= 0 and ix >= 0:
+                    rows[count] = iy * wi + ix
+                    count += 1
+        _sum_rows(ko, k_in, rows, offs, count, n)
+        if ntk_pass:
+            _sum_rows(to, t_in, rows, offs, count, n)
+        if ntk_pass:
+            for j in range(n):
+                to[j] = theta_scale * ko[j] + theta_b + w * to[j]
+        elif want_ntk:
+            for j in range(n):
+                to[j] = theta_scale * ko[j] + theta_b
+        low = 0
+        for j in range(n):
+            kk = w * ko[j] + b_var
+            ko[j] = kk
+            inv_b[j] = 1.0 / bo[j] if bo[j] > 0.0 else 0.0
+            scale = inv_a * inv_b[j]
+            cm = min(max(1.0 - kk * scale, 0.0), 2.0)
+            co[j] = cm if scale > 0.0 else 0.0
+            low += 1 if cm < CORR_DIRECT and scale > 0.0 else 0
+        if low == 0:
+            continue
+        # The identity for the whole position, kept where the direct form is short.
+        acc = np.zeros(n)
+        for ty in range(ky):
+            iy = imap[oy_map + oy * ky + ty]
+            for tx in range(kx):
+                ix = imap[ox_map + ox * kx + tx]
+                if iy < 0 or ix < 0:
+                    continue  # padding on both sides: â = b̂ = 0
                 src = iy * wi + ix
                 av = a[src] * inv_a
-                ks = k_in[src]
                 cs = c_in[src]
                 bs = b[src]
                 for j in range(n):
-                    ko[j] += ks[j]
                     bv = bs[j] * inv_b[j]
                     d = av - bv
-                    co[j] += av * bv * cs[j] + 0.5 * d * d
-                if want_ntk:
-                    ts = t_in[src]
-                    for j in range(n):
-                        to[j] += ts[j]
+                    acc[j] += av * bv * cs[j] + 0.5 * d * d
         for j in range(n):
-            kk = ko[j]
-            ko[j] = w * kk + b_var
-            if want_ntk:
-                to[j] = (theta_k / taps) * kk + theta_b + w * to[j]
-            if big > 0.0 and bo[j] > 0.0:
+            if co[j] < CORR_DIRECT and inv_a * inv_b[j] > 0.0:
                 gap = inv_a - inv_b[j]
-                co[j] = min(max(w * co[j] + 0.5 * b_var * gap * gap, 0.0), 2.0)
-            else:
-                co[j] = 0.0
+                co[j] = min(max(w * acc[j] + 0.5 * b_var * gap * gap, 0.0), 2.0)
 
 
 @jit
