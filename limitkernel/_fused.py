@@ -19,7 +19,9 @@ The diagonals ``q11``, ``q22`` of every op are computed once per input set
 The pass works one output row at a time: each op is a simple loop over the
 row's entries (a row kernel, defined beside its layer kind in
 :mod:`limitkernel.layers`), which the compiler vectorises, and the only buffers
-are a few rows.
+are a few rows. Rows are taken in groups of :data:`ROW_GROUP` so that Hermite
+series share each block of column coefficients while it is in cache, and in
+the symmetric case each group also writes its mirror image below the diagonal.
 """
 
 import math
