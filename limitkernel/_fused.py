@@ -57,7 +57,7 @@ from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layerno
 from .layers.numerical import OP_HERMITE, hermite_row, hermite_rows
 
 __all__ = ["DISPATCHED", "NEAR_DUPLICATE", "ROW_GROUP", "apply_row_op", "gram_block",
-           "init_row", "mirror_upper", "run_ops", "self_rows"]
+           "init_row", "run_ops", "self_rows"]
 
 # Every opcode the passes run (this one, and those of positions in
 # :mod:`limitkernel._fused_spatial`); an op a pass does not know leaves its code
@@ -337,19 +337,3 @@ def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, 
                     codes, prm, h1, h2, hd1, hd2, True, True, status)
             omr[0] = 0.0
 
-
-@jit_parallel
-def mirror_upper(a):
-    """Copy the upper triangle of a square matrix onto its lower triangle."""
-    n = a.shape[0]
-    block = 64
-    nblocks = (n + block - 1) // block
-    for bi in prange(nblocks):
-        r0 = bi * block
-        r1 = min(r0 + block, n)
-        for bj in range(bi + 1):
-            c0 = bj * block
-            c1 = min(c0 + block, n)
-            for r in range(r0, r1):
-                for col in range(c0, min(c1, r)):
-                    a[r, col] = a[col, r]

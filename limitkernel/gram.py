@@ -448,8 +448,7 @@ class GramPlan:
         outputs are indexed the same way; ``buffer`` is float64 scratch with at
         least (r1 - r0)(c1 - c0) entries. With ``sym`` only entries with
         column >= row are written; with ``mirror`` too (rows and columns the
-        same inputs, c0 == r0; vectors only), each of them also at its mirror
-        place. Without ``want_nngp`` (vectors only), ``k_out`` is not written.
+        same inputs, c0 == r0), each of them also at its mirror place. Without ``want_nngp`` (vectors only), ``k_out`` is not written.
         """
         status = np.full(3, -1, dtype=np.int64)
         if self.spatial is not None:
@@ -466,8 +465,8 @@ class GramPlan:
                     self.positions, self.n_slots, k_out, t_out, status, self.want_ntk)
             _check_status(status)
             if mirror:
-                raise ValueError("the passes over positions do not mirror blocks; call "
-                                 "_fused.mirror_upper on the whole output instead")
+                for out in (k_out, t_out) if self.want_ntk else (k_out,):
+                    _mirror_block(out, r0, r1, c1)
             return
         dest = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
         np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=dest)
@@ -520,15 +519,12 @@ class GramPlan:
         want_nngp = "nngp" in self.kinds or self.spatial is not None
         k_out = np.empty((nr, nc) if want_nngp else (1, 1), dtype=self.dtype)
         t_out = np.empty((nr, nc) if self.want_ntk else (1, 1), dtype=self.dtype)
-        mirror = on_diag and self.spatial is None
         self.block(self.rows.part(r0, r1), self.cols.part(c0, c1), 0, nr, 0, nc,
-                   np.empty(nr * nc), k_out, t_out, on_diag, mirror, want_nngp)
+                   np.empty(nr * nc), k_out, t_out, on_diag, on_diag, want_nngp)
         outs = {"nngp": (k_out, self.nngp_diag), "ntk": (t_out, self.ntk_diag)}
         result = {}
         for kind in self.kinds:
             out, diag = outs[kind]
-            if on_diag and not mirror:
-                _fused.mirror_upper(out)
             if self.symmetric:
                 lo, hi = max(r0, c0), min(r1, c1)
                 idx = np.arange(lo, hi)
@@ -616,9 +612,8 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     # (their pages first touched) by the threads of that pass, block by block;
     # with x2 = None each block is the upper triangle's rows r0:r1 against
     # columns r0:m, and the pass also writes their mirror image below the
-    # diagonal while they are in cache (the passes over positions mirror the
-    # whole matrix at the end).
-    mirror = sym and plan.spatial is None
+    # diagonal while they are in cache (the passes over positions copy each
+    # block's mirror image after it).
     buffer = np.empty(rows * m)
     blocks = range(0, n, rows)
     if progress:
@@ -626,12 +621,8 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     for r0 in blocks:
         r1 = min(r0 + rows, n)
         plan.block(plan.rows, plan.cols, r0, r1, r0 if sym else 0, m, buffer,
-                   k_out, t_out, sym, mirror, want_nngp)
+                   k_out, t_out, sym, sym, want_nngp)
     if sym:
-        if not mirror:
-            _fused.mirror_upper(k_out)
-            if plan.want_ntk:
-                _fused.mirror_upper(t_out)
         if want_nngp:
             np.fill_diagonal(k_out, plan.nngp_diag)
         if plan.want_ntk:
@@ -651,6 +642,14 @@ def kernel_diag(spec, x, get=KINDS):
     nngp, ntk = plan.nngp_diag, plan.ntk_diag
     out = {"nngp": nngp, "ntk": ntk}
     return {kind: out[kind] for kind in kinds}
+
+
+def _mirror_block(out, r0, r1, stop):
+    """Copy the entries (i, j), r0 <= i < r1, i < j < stop, of ``out`` to (j, i)."""
+    square = out[r0:r1, r0:r1]
+    lower = np.tril_indices(r1 - r0, -1)
+    square[lower] = square.T[lower]
+    out[r1:stop, r0:r1] = out[r0:r1, r1:stop].T
 
 
 def _normalise(x):
