@@ -4,7 +4,8 @@ For every N and dtype this runs, each in its own fresh subprocess so that
 the peak resident memory of every method is measured separately:
 
 * ``floor``        numpy's ``x @ x.T`` alone (nothing that starts from the
-                   input Gram matrix can be faster),
+                   input Gram matrix can be faster; BLAS syrk, one triangle),
+* ``gemm``         numpy's ``x @ x.T.copy()`` (BLAS gemm, the full product),
 * ``numpy``        a plain numpy layer-by-layer implementation
                    (``_numpy_reference.py``),
 * ``limitkernel``  ``limitkernel.kernel(spec, x, None, get=("nngp", "ntk"),
@@ -19,8 +20,9 @@ seed. Each worker warms up (JIT compilation and thread pools) before it is
 timed; the time is the best of ``--repeats`` calls for N <= ``--repeat-max-n``
 and of a single call above. The table shows the time, the absolute peak RSS
 of the worker process (``ru_maxrss``, including the interpreter, the inputs
-and the output), the ratio to the floor and the ratio Neural Tangents /
-limitkernel. See README.rst in this folder.
+and the output), the ratios to the floor and to the full GEMM, the ratio
+Neural Tangents / limitkernel and, for limitkernel in float32, its largest
+error against float64 on the first rows. See README.rst in this folder.
 """
 
 import argparse
@@ -46,9 +48,10 @@ SPEC_TEXT = "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.
 INPUT_DIM = 784
 DEFAULT_NS = (1000, 2000, 4000, 8000, 16000)
 DEFAULT_DTYPES = ("float64", "float32")
-METHODS = ("floor", "numpy", "limitkernel", "nt")
+METHODS = ("floor", "gemm", "numpy", "limitkernel", "nt")
 LABELS = {
     "floor": "floor (x @ x.T)",
+    "gemm": "gemm (x @ x.T.copy())",
     "numpy": "numpy layer-by-layer",
     "limitkernel": "limitkernel",
     "nt": "neural-tangents",
@@ -56,6 +59,8 @@ LABELS = {
 DEFAULT_NT_PYTHON = Path("/work/nt-venv/bin/python")
 MARKER = "BENCH_RESULT "
 GB = 1e9
+# Rows of limitkernel's float32 output compared with the same rows in float64.
+ERROR_ROWS = 256
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +96,11 @@ def _make_method(method, dtype, gram_method="syrk"):
         def run(x):
             return _numpy_reference.gram(x, gram_method)
 
+    elif method == "gemm":
+
+        def run(x):
+            return _numpy_reference.gram(x, "gemm")
+
     elif method == "numpy":
 
         def run(x):
@@ -113,6 +123,30 @@ def _make_method(method, dtype, gram_method="syrk"):
     return run, versions
 
 
+def _float32_error(out, x):
+    """Largest error of a float32 result against float64, on its first rows.
+
+    The reference is ``limitkernel.kernel`` in float64 on the same inputs (the
+    first ``ERROR_ROWS`` of them against all). Returns, per kernel, the
+    largest ``|a - b| / |b|`` over entries ("entry") and the largest
+    ``|a - b| / sqrt(K(x, x) K(x', x'))`` ("diag").
+    """
+    import limitkernel
+
+    x64 = np.asarray(x, dtype=np.float64)
+    rows = min(ERROR_ROWS, len(x64))
+    ref = limitkernel.kernel(SPEC_TEXT, x64[:rows], x64, get=("nngp", "ntk"))
+    diag = limitkernel.kernel_diag(SPEC_TEXT, x64)
+    errors = {}
+    for kind in ("nngp", "ntk"):
+        a = np.asarray(out[kind][:rows], dtype=np.float64)
+        b = ref[kind]
+        scale = np.sqrt(np.outer(diag[kind][:rows], diag[kind]))
+        errors[kind] = {"entry": float(np.max(np.abs(a - b) / np.abs(b))),
+                        "diag": float(np.max(np.abs(a - b) / scale))}
+    return errors
+
+
 def _describe(out):
     """Dtype and shape of a method's output, for the record."""
     if isinstance(out, dict):
@@ -122,7 +156,8 @@ def _describe(out):
 
 def worker_main(argv):
     parser = argparse.ArgumentParser(prog="bench_gram.py --worker")
-    parser.add_argument("--worker", required=True, choices=METHODS[:3])
+    parser.add_argument("--worker", required=True,
+                        choices=[m for m in METHODS if m != "nt"])
     parser.add_argument("--x", required=True)
     parser.add_argument("--dtype", required=True, choices=DEFAULT_DTYPES)
     parser.add_argument("--repeats", type=int, default=1)
@@ -154,8 +189,12 @@ def worker_main(argv):
             times.append(time.perf_counter() - t0)
         if args.save and isinstance(out, dict):
             np.savez(args.save, **{k: np.asarray(v) for k, v in out.items()})
+        extra = {}
+        if args.worker == "limitkernel" and args.dtype == "float32":
+            extra["f32_error"] = _float32_error(out, x)
         _emit(
             {
+                **extra,
                 "status": "ok",
                 "time": min(times),
                 "times": times,
@@ -400,8 +439,24 @@ def _ratio(num, den):
     return f"{num['time'] / den['time']:.2f}"
 
 
-HEADER = ("N", "dtype", "method", "time (s)", "peak RSS (GB)", "/ floor", "NT / lk")
-WIDTHS = (6, 7, 22, 10, 13, 8, 7)
+HEADER = ("N", "dtype", "method", "time (s)", "peak RSS (GB)", "/ floor", "/ gemm",
+          "NT / lk", "f32 err")
+WIDTHS = (6, 7, 23, 10, 13, 8, 7, 7, 8)
+
+
+def _fmt_error(result):
+    """The largest float32 error against float64 relative to the diagonals."""
+    errors = (result or {}).get("f32_error")
+    if not errors:
+        return ""
+    return f"{max(e['diag'] for e in errors.values()):.1e}"
+
+
+def _row(n, dtype, method, res, group):
+    nt_over_lk = _ratio(res, group.get("limitkernel")) if method == "nt" else ""
+    return _format_row((n, dtype, _label(method, res), _fmt_time(res), _fmt_rss(res),
+                        _ratio(res, group.get("floor")), _ratio(res, group.get("gemm")),
+                        nt_over_lk, _fmt_error(res)))
 
 
 def _format_row(cells):
@@ -416,27 +471,10 @@ def _table_rows(results, ns, dtypes, methods):
     for n in ns:
         for dtype in dtypes:
             group = results.get((n, dtype), {})
-            floor = group.get("floor")
             for method in methods:
                 res = group.get(method)
-                if res is None:
-                    continue
-                nt_over_lk = (
-                    _ratio(res, group.get("limitkernel")) if method == "nt" else ""
-                )
-                rows.append(
-                    _format_row(
-                        (
-                            n,
-                            dtype,
-                            _label(method, res),
-                            _fmt_time(res),
-                            _fmt_rss(res),
-                            _ratio(res, floor),
-                            nt_over_lk,
-                        )
-                    )
-                )
+                if res is not None:
+                    rows.append(_row(n, dtype, method, res, group))
     return rows
 
 
@@ -501,11 +539,7 @@ def driver_main(argv):
                     versions.update({prefix + k: v
                                      for k, v in res.get("versions", {}).items()})
                     group[method] = res
-                    nt_lk = _ratio(res, group.get("limitkernel")) if method == "nt" else ""
-                    print(_format_row((n, dtype, _label(method, res), _fmt_time(res),
-                                       _fmt_rss(res), _ratio(res, group.get("floor")),
-                                       nt_lk)),
-                          flush=True)
+                    print(_row(n, dtype, method, res, group), flush=True)
             x_path.unlink()
 
         print()
@@ -515,13 +549,23 @@ def driver_main(argv):
         for row in _table_rows(results, ns, dtypes, methods):
             print(row)
         print()
-        print("/ floor: time over numpy's x @ x.T for the same N and dtype. "
-              "NT / lk: Neural Tangents time over limitkernel time.")
+        print("/ floor, / gemm: time over numpy's x @ x.T (syrk) and over "
+              "x @ x.T.copy() (gemm) for the same N and dtype. NT / lk: Neural "
+              "Tangents time over limitkernel time.")
+        print(f"f32 err: limitkernel float32 against limitkernel float64 on the "
+              f"first {ERROR_ROWS} rows, max |a - b| / sqrt(K(x, x) K(x', x')) over "
+              "both kernels (per kernel, and relative to each entry, below).")
         print("* the x @ x.T of this row was computed as x @ x.T.copy() (BLAS gemm) "
               "because x @ x.T (BLAS syrk) crashed; see the notes.")
         print("peak RSS: ru_maxrss of the worker process (interpreter, inputs, "
               "outputs and all), 1 GB = 1e9 bytes.")
 
+        for (n, dtype), group in results.items():
+            errors = (group.get("limitkernel") or {}).get("f32_error")
+            if errors:
+                print(f"  N={n} float32 vs float64: " + "; ".join(
+                    f"{kind} {e['diag']:.2e} of sqrt(K(x,x)K(x',x')), {e['entry']:.2e} "
+                    "of the entry" for kind, e in errors.items()))
         notes = []
         for (n, dtype), group in results.items():
             for method, res in group.items():

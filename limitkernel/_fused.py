@@ -19,7 +19,9 @@ The diagonals ``q11``, ``q22`` of every op are computed once per input set
 The pass works one output row at a time: each op is a simple loop over the
 row's entries (a row kernel, defined beside its layer kind in
 :mod:`limitkernel.layers`), which the compiler vectorises, and the only buffers
-are a few rows.
+are a few rows. Rows are taken in groups of :data:`ROW_GROUP` so that Hermite
+series share each block of column coefficients while it is in cache, and in
+the symmetric case each group also writes its mirror image below the diagonal.
 """
 
 import math
@@ -52,10 +54,10 @@ from .layers.blocks import OP_ADD, OP_LOAD, OP_SAVE, stash_op
 from .layers.conv import OP_AVG_POOL, OP_CONV, OP_FLATTEN, OP_GLOBAL_AVG_POOL
 from .layers.dense import OP_DENSE, dense_row
 from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layernorm_row
-from .layers.numerical import OP_HERMITE, hermite_row
+from .layers.numerical import OP_HERMITE, hermite_row, hermite_rows
 
-__all__ = ["DISPATCHED", "NEAR_DUPLICATE", "apply_row_op", "gram_block", "init_row",
-           "mirror_upper", "run_ops", "self_rows"]
+__all__ = ["DISPATCHED", "NEAR_DUPLICATE", "ROW_GROUP", "apply_row_op", "gram_block",
+           "init_row", "run_ops", "self_rows"]
 
 # Every opcode the passes run (this one, and those of positions in
 # :mod:`limitkernel._fused_spatial`); an op a pass does not know leaves its code
@@ -69,6 +71,11 @@ DISPATCHED = (OP_DENSE, OP_ABRELU, OP_STEP, OP_SIGN, OP_RELU_POW, OP_ERF, OP_GEL
 # difference of the normalised inputs rather than from the Gram matrix entry,
 # whose rounding error (~1e-16 relative) would dominate 1 - ρ.
 NEAR_DUPLICATE = 1e-3
+
+# Rows per task of the Gram pass: the Hermite series of a group share each block
+# of column coefficients while it is in cache, and the mirrored entries of a
+# group fill 8 consecutive float64 (one cache line) of each row below it.
+ROW_GROUP = 8
 
 
 @jit
@@ -175,52 +182,123 @@ def run_ops(l0, l1, q12, one_minus_rho, ntk, stash, rho, acc, i, j0, roots1, roo
 
 
 @jit_parallel
-def gram_block(g, k_out, t_out, r0, c0, sym, scale, x1n, x2n, roots1, roots2, var1, var2,
-               codes, prm, h1, h2, hd1, hd2, status, want_ntk):
+def gram_block(g, k_out, t_out, r0, c0, sym, mirror, scale, x1n, x2n, roots1, roots2, var1,
+               var2, codes, prm, h1, h2, hd1, hd2, status, want_nngp, want_ntk):
     """Fill rows r0 .. r0 + len(g) of the outputs, columns c0 .. c0 + g.shape[1].
 
     ``g[ii, jj]`` holds x_{r0+ii} · x'_{c0+jj} (unscaled) on entry (a scratch
-    buffer, overwritten). ``roots1[l], roots2[l]`` are the square roots of the
+    buffer, read only). ``roots1[l], roots2[l]`` are the square roots of the
     diagonals entering op l (row l = 0 is the input layer), ``var1``, ``var2``
     the input layer's diagonals themselves. With ``sym`` only the entries with
-    column >= row are computed. ``h1[m]`` (N, terms) and ``h2[m]`` (terms, M)
-    hold the Hermite coefficients of the m-th numerical layer for rows and
-    columns, ``hd1``, ``hd2`` those of its derivative. ``status[0]`` receives
-    the code of an op this pass does not know (-1 if none), ``status[1:3]`` the
-    row and column of an entry that is not finite.
+    column >= row are computed; with ``mirror`` as well (a square output whose
+    rows and columns are the same inputs), each is also written at its mirror
+    place (column, row), right after its group of rows, while it is in cache.
+    ``h1[m]`` (N, terms) and ``h2[m]`` (terms, M) hold the Hermite coefficients
+    of the m-th numerical layer for rows and columns, ``hd1``, ``hd2`` those of
+    its derivative. ``status[0]`` receives the code of an op this pass does not
+    know (-1 if none), ``status[1:3]`` the row and column of an entry that is
+    not finite. ``k_out`` (``t_out``) is only written with ``want_nngp``
+    (``want_ntk``).
+
+    Rows are taken in groups of :data:`ROW_GROUP`, one group per task; with
+    ``sym``, groups are taken from both ends in turn (row lengths fall from m
+    to m - nb), which gives each thread's contiguous chunk of tasks equal work.
+    Each row runs through the ops on its own, except at Hermite-series ops,
+    which the rows of a group take together
+    (:func:`~limitkernel.layers.numerical.hermite_rows`).
     """
     nb, m = g.shape
     n_ops = codes.shape[0]
-    for step in prange(nb):
-        # With ``sym``, row lengths fall from m to m - nb; taking rows from both
-        # ends in turn gives each thread's contiguous chunk of steps equal work.
+    slots = 0
+    for layer in range(n_ops):
+        if codes[layer] == OP_SAVE:
+            slots = max(slots, 3 * int(prm[layer, 1]))
+    n_groups = (nb + ROW_GROUP - 1) // ROW_GROUP
+    for step in prange(n_groups):
         k = np.int64(step)
         half = k // 2
-        paired = half if k % 2 == 0 else nb - 1 - half
-        ii = paired if sym else k
-        i = r0 + ii
-        start = min(max(i - c0, 0), m) if sym else 0
-        n = m - start
-        j0 = c0 + start
-        q12 = np.empty(n)
-        one_minus_rho = np.empty(n)
-        ntk = np.zeros(n)
-        for jj in range(n):
-            q12[jj] = g[ii, start + jj]
-        init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, roots1[0, i],
-                 roots2[0, j0:j0 + n], var1[i], var2[j0:j0 + n], sym)
-        run_ops(0, n_ops, q12, one_minus_rho, ntk, np.empty((0, 0)), np.empty(0),
-                np.empty(0), i, j0, roots1, roots2, codes, prm, h1, h2, hd1, hd2,
-                sym and j0 == i, want_ntk, status)
-        for jj in range(n):
-            if not (math.isfinite(q12[jj]) and math.isfinite(ntk[jj])):
-                status[1] = i
-                status[2] = j0 + jj
-        for jj in range(n):
-            k_out[i, j0 + jj] = q12[jj]
-        if want_ntk:
+        group = (half if k % 2 == 0 else n_groups - 1 - half) if sym else k
+        a = group * ROW_GROUP
+        n_rows = min(a + ROW_GROUP, nb) - a
+        q12 = np.empty((n_rows, m))
+        one_minus_rho = np.empty((n_rows, m))
+        ntk = np.zeros((n_rows, m))
+        stash = np.empty((n_rows, slots, m if slots > 0 else 0))
+        lengths = np.empty(n_rows, dtype=np.int64)
+        rows = np.empty(n_rows, dtype=np.int64)
+        col0s = np.empty(n_rows, dtype=np.int64)
+        for gg in range(n_rows):
+            ii = a + gg
+            i = r0 + ii
+            start = min(max(i - c0, 0), m) if sym else 0
+            n = m - start
+            j0 = c0 + start
+            lengths[gg], rows[gg], col0s[gg] = n, i, j0
+            q = q12[gg, :n]
             for jj in range(n):
-                t_out[i, j0 + jj] = ntk[jj]
+                q[jj] = g[ii, start + jj]
+            init_row(q, one_minus_rho[gg, :n], scale, i, j0, x1n, x2n, roots1[0, i],
+                     roots2[0, j0:j0 + n], var1[i], var2[j0:j0 + n], sym)
+        # The ops in stretches between Hermite-series ops: each row runs a
+        # stretch on its own (its state stays in cache), the group runs the
+        # series together.
+        l0 = 0
+        while l0 < n_ops:
+            l1 = l0
+            while l1 < n_ops and codes[l1] != OP_HERMITE:
+                l1 += 1
+            for gg in range(n_rows):
+                n = lengths[gg]
+                run_ops(l0, l1, q12[gg, :n], one_minus_rho[gg, :n], ntk[gg, :n], stash[gg],
+                        np.empty(0), np.empty(0), rows[gg], col0s[gg], roots1, roots2,
+                        codes, prm, h1, h2, hd1, hd2, sym and col0s[gg] == rows[gg],
+                        want_ntk, status)
+            if l1 < n_ops:
+                p = prm[l1]
+                hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, l1, roots1,
+                             roots2, int(p[0]), h1, h2, hd1, hd2, int(p[1]), want_ntk)
+            l0 = l1 + 1
+        for gg in range(n_rows):
+            i, j0 = rows[gg], col0s[gg]
+            q = q12[gg, :lengths[gg]]
+            t = ntk[gg, :lengths[gg]]
+            for jj in range(lengths[gg]):
+                if not (math.isfinite(q[jj]) and math.isfinite(t[jj])):
+                    status[1] = i
+                    status[2] = j0 + jj
+            if want_nngp:
+                out = k_out[i, j0:j0 + lengths[gg]]
+                for jj in range(lengths[gg]):
+                    out[jj] = q[jj]
+            if want_ntk:
+                out = t_out[i, j0:j0 + lengths[gg]]
+                for jj in range(lengths[gg]):
+                    out[jj] = t[jj]
+        if mirror:
+            _mirror_group(q12, ntk, rows, col0s, k_out, t_out, c0 + m, want_nngp, want_ntk)
+
+
+@jit
+def _mirror_group(q12, ntk, rows, col0s, k_out, t_out, stop, want_nngp, want_ntk):
+    """Write the entries (i, j), j > i, of a group of rows at (j, i) as well.
+
+    Row g of the state starts at column ``col0s[g]`` = ``rows[g]`` (the
+    diagonal) and the group's rows are consecutive, so output row j receives
+    one contiguous run of the group's columns.
+    """
+    n_rows = rows.shape[0]
+    first = rows[0]
+    for j in range(first + 1, stop):
+        # Rows i < j of the group (all of them once j is past the group).
+        count = min(j - first, n_rows)
+        if want_nngp:
+            out = k_out[j, first:first + count]
+            for gg in range(count):
+                out[gg] = q12[gg, j - col0s[gg]]
+        if want_ntk:
+            out = t_out[j, first:first + count]
+            for gg in range(count):
+                out[gg] = ntk[gg, j - col0s[gg]]
 
 
 @jit_parallel
@@ -259,19 +337,3 @@ def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, 
                     codes, prm, h1, h2, hd1, hd2, True, True, status)
             omr[0] = 0.0
 
-
-@jit_parallel
-def mirror_upper(a):
-    """Copy the upper triangle of a square matrix onto its lower triangle."""
-    n = a.shape[0]
-    block = 64
-    nblocks = (n + block - 1) // block
-    for bi in prange(nblocks):
-        r0 = bi * block
-        r1 = min(r0 + block, n)
-        for bj in range(bi + 1):
-            c0 = bj * block
-            c1 = min(c0 + block, n)
-            for r in range(r0, r1):
-                for col in range(c0, min(c1, r)):
-                    a[r, col] = a[col, r]

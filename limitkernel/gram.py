@@ -466,13 +466,15 @@ class GramPlan:
         self.rows = sides[0]
         self.cols = sides[-1]
 
-    def block(self, rows, cols, r0, r1, c0, c1, buffer, k_out, t_out, sym):
+    def block(self, rows, cols, r0, r1, c0, c1, buffer, k_out, t_out, sym, mirror=False,
+              want_nngp=True):
         """Rows r0:r1, columns c0:c1 of ``rows`` × ``cols`` into the outputs.
 
         Indices are relative to the two sides (:meth:`_Side.part`) and the
         outputs are indexed the same way; ``buffer`` is float64 scratch with at
         least (r1 - r0)(c1 - c0) entries. With ``sym`` only entries with
-        column >= row are written.
+        column >= row are written; with ``mirror`` too (rows and columns the
+        same inputs, c0 == r0), each of them also at its mirror place. Without ``want_nngp`` (vectors only), ``k_out`` is not written.
         """
         status = np.full(3, -1, dtype=np.int64)
         if self.spatial is not None:
@@ -488,13 +490,16 @@ class GramPlan:
                     cols.root_t(), self.codes, self.prm, self.geo, self.imap, self.offsets,
                     self.positions, self.n_slots, k_out, t_out, status, self.want_ntk)
             _check_status(status)
+            if mirror:
+                for out in (k_out, t_out) if self.want_ntk else (k_out,):
+                    _mirror_block(out, r0, r1, c1)
             return
         dest = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
         np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=dest)
-        status = np.full(3, -1, dtype=np.int64)
-        _fused.gram_block(dest, k_out, t_out, r0, c0, sym, self.scale, rows.xn, cols.xn,
-                          rows.roots, cols.roots, rows.var0, cols.var0, self.codes, self.prm,
-                          rows.h, cols.h, rows.hd, cols.hd, status, self.want_ntk)
+        _fused.gram_block(dest, k_out, t_out, r0, c0, sym, mirror, self.scale, rows.xn,
+                          cols.xn, rows.roots, cols.roots, rows.var0, cols.var0, self.codes,
+                          self.prm, rows.h, cols.h, rows.hd, cols.hd, status, want_nngp,
+                          self.want_ntk)
         _check_status(status)
         if status[1] >= 0:
             self._not_finite(rows, cols, int(status[1]), int(status[2]))
@@ -555,16 +560,15 @@ class GramPlan:
                              f"{n} x {m} Gram matrix")
         nr, nc = r1 - r0, c1 - c0
         on_diag = self.symmetric and (r0, r1) == (c0, c1)
-        k_out = np.empty((nr, nc), dtype=self.dtype)
+        want_nngp = "nngp" in self.kinds or self.spatial is not None
+        k_out = np.empty((nr, nc) if want_nngp else (1, 1), dtype=self.dtype)
         t_out = np.empty((nr, nc) if self.want_ntk else (1, 1), dtype=self.dtype)
         self.block(self.rows.part(r0, r1), self.cols.part(c0, c1), 0, nr, 0, nc,
-                   np.empty(nr * nc), k_out, t_out, on_diag)
+                   np.empty(nr * nc), k_out, t_out, on_diag, on_diag, want_nngp)
         outs = {"nngp": (k_out, self.nngp_diag), "ntk": (t_out, self.ntk_diag)}
         result = {}
         for kind in self.kinds:
             out, diag = outs[kind]
-            if on_diag:
-                _fused.mirror_upper(out)
             if self.symmetric:
                 lo, hi = max(r0, c0), min(r1, c1)
                 idx = np.arange(lo, hi)
@@ -638,14 +642,23 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     plan = prepare(spec, x1, x2, get, dtype)
     sym, dt = plan.symmetric, plan.dtype
     n, m = plan.shape
-    _check_memory(n, m, plan.n_features, dt, plan.want_ntk, memory_limit)
+    # Vectors write only the kernels asked for; the passes over positions
+    # always carry K.
+    want_nngp = "nngp" in plan.kinds or plan.spatial is not None
+    _check_memory(n, m, plan.n_features, dt, int(want_nngp) + int(plan.want_ntk),
+                  memory_limit)
 
-    k_out = np.empty((n, m), dtype=dt)
-    t_out = np.empty((n, m), dtype=dt) if plan.want_ntk else np.empty((1, 1), dtype=dt)
+    k_out = np.empty((n, m) if want_nngp else (1, 1), dtype=dt)
+    t_out = np.empty((n, m) if plan.want_ntk else (1, 1), dtype=dt)
     rows = _block_rows(n, m)
     # The GEMM of each row block lands in one C-contiguous scratch buffer, so the
     # numba pass always sees the same array layout (one compiled specialisation)
-    # and float32 output needs no second buffer.
+    # and float32 output needs no second buffer. The outputs are first written
+    # (their pages first touched) by the threads of that pass, block by block;
+    # with x2 = None each block is the upper triangle's rows r0:r1 against
+    # columns r0:m, and the pass also writes their mirror image below the
+    # diagonal while they are in cache (the passes over positions copy each
+    # block's mirror image after it).
     buffer = np.empty(rows * m)
     blocks = range(0, n, rows)
     if progress:
@@ -653,12 +666,11 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     for r0 in blocks:
         r1 = min(r0 + rows, n)
         plan.block(plan.rows, plan.cols, r0, r1, r0 if sym else 0, m, buffer,
-                   k_out, t_out, sym)
+                   k_out, t_out, sym, sym, want_nngp)
     if sym:
-        _fused.mirror_upper(k_out)
-        np.fill_diagonal(k_out, plan.nngp_diag)
+        if want_nngp:
+            np.fill_diagonal(k_out, plan.nngp_diag)
         if plan.want_ntk:
-            _fused.mirror_upper(t_out)
             np.fill_diagonal(t_out, plan.ntk_diag)
     out = {"nngp": k_out, "ntk": t_out}
     result = {kind: out[kind] for kind in plan.kinds}
@@ -676,6 +688,14 @@ def kernel_diag(spec, x, get=KINDS):
     nngp, ntk = plan.nngp_diag, plan.ntk_diag
     out = {"nngp": nngp, "ntk": ntk}
     return {kind: out[kind] for kind in kinds}
+
+
+def _mirror_block(out, r0, r1, stop):
+    """Copy the entries (i, j), r0 <= i < r1, i < j < stop, of ``out`` to (j, i)."""
+    square = out[r0:r1, r0:r1]
+    lower = np.tril_indices(r1 - r0, -1)
+    square[lower] = square.T[lower]
+    out[r1:stop, r0:r1] = out[r0:r1, r1:stop].T
 
 
 def _normalise(x):
@@ -714,13 +734,13 @@ def _block_rows(n, m):
     return max(1, min(n, max(16, _BLOCK_BYTES // (8 * m))))
 
 
-def _check_memory(n, m, d, dt, want_ntk, memory_limit):
-    count = 2 if want_ntk else 1
+def _check_memory(n, m, d, dt, count, memory_limit):
+    """Refuse ``count`` (n, m) outputs of dtype ``dt`` that would not fit."""
     need = count * n * m * dt.itemsize + 2 * (n + m) * d * 8 + 8 * _block_rows(n, m) * m
     limit = memory_limit if memory_limit is not None else available_memory()
     if limit is not None and need > limit:
         raise MemoryBudgetError(
-            f"the requested {'nngp and ntk' if want_ntk else 'kernel'} for {n} x {m} "
+            f"the requested {'nngp and ntk' if count == 2 else 'kernel'} for {n} x {m} "
             f"inputs need {_format_bytes(need)} but only {_format_bytes(limit)} is "
             "available; ask for one kernel (get='ntk'), use dtype='float32', or "
             "compute it in row blocks of x1"

@@ -200,6 +200,18 @@ def test_refuses_what_will_not_fit():
         lk.kernel(RELU3, x, memory_limit=1_000_000)
 
 
+
+def test_one_kernel_needs_one_output():
+    # The refusal above advises get='ntk': one 1000 x 1000 output (8 MB) then
+    # fits in 20 MB, where both kernels (24.1 MB) do not.
+    x = np.random.default_rng(8).standard_normal((1000, 3))
+    with pytest.raises(lk.MemoryBudgetError, match="need 24.1 MB"):
+        lk.kernel(RELU3, x, memory_limit=20_000_000)
+    only = lk.kernel(RELU3, x, get="ntk", memory_limit=20_000_000)
+    assert list(only) == ["ntk"]
+    np.testing.assert_array_equal(only["ntk"], lk.kernel(RELU3, x)["ntk"])
+
+
 def test_overflow_is_reported():
     with pytest.raises(FloatingPointError, match="overflows at layer"):
         lk.kernel("200 * [dense(w_std=100), relu], dense", np.ones((2, 2)))

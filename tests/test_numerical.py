@@ -590,3 +590,47 @@ def test_row_and_column_tables_share_the_term_count():
         got = lk.kernel(spec, a, b)
         block = both["ntk"][:30, 30:] if a is x1 else both["ntk"][30:, :30]
         np.testing.assert_allclose(got["ntk"], block, rtol=0, atol=1e-14 * both["ntk"].max())
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "elu"])
+def test_rows_in_a_group_give_the_bits_of_one_row_at_a_time(name):
+    # hermite_rows takes a group of rows block by block (each block of column
+    # coefficients then serves the whole group from cache); every row must get
+    # exactly what hermite_row gives it alone: the same blocks, the same sums.
+    from limitkernel.layers.numerical import hermite_row, hermite_rows
+
+    kind = lk.spec.layer_from_name(name, {})
+    rng = np.random.default_rng(5)
+    n, m = 11, 700
+    q_rows, q_cols = rng.uniform(0.3, 3.0, n), rng.uniform(0.3, 3.0, m)
+    a, ad = kind.coefficients(q_rows)
+    terms = a.shape[1]
+    b, bd = kind.coefficients(q_cols, terms=terms)
+    h1, hd1 = a[None], ad[None]
+    h2, hd2 = np.ascontiguousarray(b.T[None]), np.ascontiguousarray(bd.T[None])
+    roots1 = np.sqrt(rng.uniform(0.3, 3.0, (2, n)))
+    roots1[0] = np.sqrt(q_rows)
+    roots2 = np.sqrt(rng.uniform(0.3, 3.0, (2, m)))
+    roots2[0] = np.sqrt(q_cols)
+    # Rows of different lengths and first columns, as in the symmetric case;
+    # some start with an identical input (1 - ρ = 0), some run close to ρ = ±1.
+    rows = np.arange(n, dtype=np.int64)
+    col0s = np.array([0, 3, 3, 10, 128, 129, 250, 500, 640, 699, 5], dtype=np.int64)
+    lengths = (m - col0s).astype(np.int64)
+    omr = rng.uniform(0.2, 1.8, (n, m))
+    omr[:, 300:310:2] = rng.uniform(0.0, 1e-6, (n, 5))
+    omr[:, 301:311:2] = 2.0 - rng.uniform(0.0, 1e-6, (n, 5))
+    omr[[1, 4, 9], 0] = 0.0
+    ntk = rng.uniform(0.5, 2.0, (n, m))
+    for want_ntk in (True, False):
+        group = (np.zeros((n, m)), omr.copy(), ntk.copy())
+        hermite_rows(*group, lengths, rows, col0s, 0, roots1, roots2, 0, h1, h2, hd1, hd2,
+                     terms, want_ntk)
+        for g in range(n):
+            k, j0 = lengths[g], col0s[g]
+            alone = (np.zeros(k), omr[g, :k].copy(), ntk[g, :k].copy())
+            hermite_row(*alone, roots1[0, g], roots2[0, j0:j0 + k], roots1[1, g],
+                        roots2[1, j0:j0 + k], h1[0, g], h2[0], hd1[0, g], hd2[0], terms,
+                        np.empty(k), np.empty(k), want_ntk, j0)
+            for together, single in zip(group, alone):
+                np.testing.assert_array_equal(together[g, :k], single)

@@ -31,6 +31,7 @@ __all__ = [
     "Tanh",
     "hermite_coefficients",
     "hermite_row",
+    "hermite_rows",
 ]
 
 OP_HERMITE = 10
@@ -675,6 +676,85 @@ def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_r
             for jj in range(width):
                 t[jj] *= d[jj]
     generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
+
+
+@jit
+def hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, layer, roots1, roots2, h,
+                 h1, h2, hd1, hd2, terms, want_ntk):
+    """:func:`hermite_row` on several rows at once.
+
+    Row g of the (G, ·) state holds ``lengths[g]`` entries of input ``rows[g]``
+    against the columns ``col0s[g]`` … ``col0s[g] + lengths[g] - 1``; ``h`` is
+    the op's index in the Hermite tables. Every row is cut into the blocks
+    ``hermite_row`` would cut it into and each block gets the same sums, so the
+    result is the same bit for bit; but the rows take turns block by block, so
+    a block of column coefficients (up to terms × 128 numbers) is read from
+    memory once for the whole group and then reused from cache.
+    """
+    n_rows = lengths.shape[0]
+    first_a = np.empty(n_rows, dtype=np.int64)
+    step_a = np.empty(n_rows, dtype=np.int64)
+    first_d = np.empty(n_rows, dtype=np.int64)
+    step_d = np.empty(n_rows, dtype=np.int64)
+    tail_a = np.empty((n_rows, terms + 1))
+    tail_d = np.empty((n_rows, terms + 1))
+    lone = np.zeros(n_rows, dtype=np.bool_)
+    n_blocks = 0
+    for g in range(n_rows):
+        i = rows[g]
+        first_a[g], step_a[g] = _hermite_parity(h1[h, i], terms)
+        first_d[g], step_d[g] = _hermite_parity(hd1[h, i], terms)
+        tail_a[g] = _suffix_squares(h1[h, i], terms)
+        tail_d[g] = _suffix_squares(hd1[h, i], terms)
+        n = lengths[g]
+        # As in hermite_row: an identical input first in the row gets a block
+        # of its own, then blocks of HERMITE_BLOCK columns.
+        lone[g] = n > 0 and one_minus_rho[g, 0] == 0.0
+        rest = n - 1 if lone[g] else n
+        n_blocks = max(n_blocks, (1 if lone[g] else 0)
+                       + (rest + HERMITE_BLOCK - 1) // HERMITE_BLOCK)
+    x = np.empty(HERMITE_BLOCK)
+    square = np.empty(HERMITE_BLOCK)
+    deriv = np.empty(HERMITE_BLOCK)
+    for b in range(n_blocks):
+        for g in range(n_rows):
+            n = lengths[g]
+            if lone[g]:
+                j0 = 0 if b == 0 else 1 + (b - 1) * HERMITE_BLOCK
+                j1 = 1 if b == 0 else min(j0 + HERMITE_BLOCK, n)
+            else:
+                j0 = b * HERMITE_BLOCK
+                j1 = min(j0 + HERMITE_BLOCK, n)
+            if j0 >= n:
+                continue
+            width = j1 - j0
+            xb = x[:width]
+            x2 = square[:width]
+            cj = one_minus_rho[g, j0:j1]
+            r = 0.0
+            for jj in range(width):
+                v = 1.0 - cj[jj]
+                xb[jj] = v
+                x2[jj] = v * v
+                r = max(r, abs(v))
+            i = rows[g]
+            col = col0s[g]
+            _hermite_horner(q12[g, j0:j1], h1[h, i], h2[h], col + j0, col + j1, xb, x2,
+                            first_a[g], step_a[g], _hermite_count(tail_a[g], r, terms))
+            if want_ntk:
+                d = deriv[:width]
+                _hermite_horner(d, hd1[h, i], hd2[h], col + j0, col + j1, xb, x2,
+                                first_d[g], step_d[g], _hermite_count(tail_d[g], r, terms))
+                t = ntk[g, j0:j1]
+                for jj in range(width):
+                    t[jj] *= d[jj]
+    for g in range(n_rows):
+        n = lengths[g]
+        i = rows[g]
+        col = col0s[g]
+        generic_one_minus_rho(q12[g, :n], one_minus_rho[g, :n], roots1[layer, i],
+                              roots2[layer, col:col + n], roots1[layer + 1, i],
+                              roots2[layer + 1, col:col + n])
 
 
 @jit
