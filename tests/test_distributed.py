@@ -57,6 +57,27 @@ def _bytes(path):
 # ------------------------------------------------------------ tiles and stores
 
 
+@pytest.mark.parametrize("spec, shape", [
+    ("conv, relu, avg_pool, conv, relu, global_avg_pool, dense", (4, 4, 2)),
+    ("conv(k=3), relu, conv(k=3), relu, flatten, dense", (7, 3))])
+@pytest.mark.parametrize("sym", [True, False])
+def test_store_of_images_and_sequences_equals_in_memory_kernel(tmp_path, spec, shape, sym):
+    """Convolutional specs go through the same plan, tiles and store; the memory
+    budget counts their per-pair buffers."""
+    rng = np.random.default_rng(3)
+    x1 = rng.standard_normal((37,) + shape)
+    x2 = None if sym else rng.standard_normal((21,) + shape)
+    out = kernel_to_store(spec, x1, x2, path=tmp_path / "s", tile=16, memory="200MB",
+                          progress=False)
+    ref = kernel(spec, x1, x2)
+    for kind in ("nngp", "ntk"):
+        scale = np.abs(ref[kind]).max()
+        assert_allclose(out[kind], ref[kind], rtol=0, atol=1e-13 * scale)
+        if sym:
+            assert np.array_equal(out[kind], out[kind].T)
+            assert np.array_equal(np.diag(out[kind]), np.diag(ref[kind]))
+
+
 @pytest.mark.parametrize("spec", [SPEC, NUMERICAL])
 @pytest.mark.parametrize("sym", [True, False])
 def test_store_equals_in_memory_kernel(tmp_path, spec, sym):
