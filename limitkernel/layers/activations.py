@@ -583,10 +583,14 @@ def trig_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
     h = 0.5 * b * b
     b2 = b * b
     cos2c = math.cos(2.0 * phase)
+    # 1 − C and 1 + C without cancellation (C = 1 for sin, −1 for cos).
+    one_minus_c = 2.0 * math.sin(phase) ** 2
+    one_plus_c = 2.0 * math.cos(phase) ** 2
     half_a2 = 0.5 * a * a
     root11 = math.sqrt(q11)
     e1 = math.exp(-b2 * q11)
-    big_a = 1.0 - cos2c * e1 * e1
+    # 1 − C e1² = (1 − C) − C (e1² − 1): small variances keep their precision.
+    big_a = one_minus_c - cos2c * math.expm1(-2.0 * b2 * q11)
     for j in range(n):
         q = q12[j]
         q22 = r22[j] * r22[j]
@@ -594,10 +598,18 @@ def trig_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
         gap = root11 - root22
         y = h * (gap * gap + 2.0 * root11 * root22 * one_minus_rho[j])
         minus = math.exp(-y)
-        plus = math.exp(-h * (q11 + q22 + 2.0 * q)) * cos2c
-        q12[j] = half_a2 * (minus - plus)
+        raw_plus = math.exp(-h * (q11 + q22 + 2.0 * q))
+        plus = raw_plus * cos2c
+        # E− − E+ = −E− expm1(−2 b² q12), exactly as the exponents differ by
+        # 2 b² q12; then E− ∓ C E+ = (E− − E+) + (1 ∓ C) E+ has no cancellation
+        # at small variances (sin's K, cos's Θ).
+        # (directly where the exponents differ by more than 1: no cancellation to
+        # avoid there, and expm1 would overflow against an E− that underflows)
+        gap2 = 2.0 * b2 * q
+        diff = -minus * math.expm1(-gap2) if abs(gap2) < 1.0 else minus - raw_plus
+        q12[j] = half_a2 * (diff + one_minus_c * raw_plus)
         if want_ntk:
-            ntk[j] *= half_a2 * b2 * (minus + plus)
+            ntk[j] *= half_a2 * b2 * (diff + one_plus_c * raw_plus)
         # e1 − e2 = ±e_max (1 − exp(−b²|q22 − q11|)), e_max the larger of the two,
         # without cancellation, overflow or 0·inf.
         e2 = math.exp(-b2 * q22)
@@ -605,8 +617,8 @@ def trig_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
             de = -e1 * math.expm1(-b2 * (q22 - q11))
         else:
             de = e2 * math.expm1(-b2 * (q11 - q22))
-        g = math.sqrt(big_a * (1.0 - cos2c * e2 * e2))
-        m = 1.0 - cos2c * e1 * e2
+        g = math.sqrt(big_a * (one_minus_c - cos2c * math.expm1(-2.0 * b2 * q22)))
+        m = one_minus_c - cos2c * math.expm1(-b2 * (q11 + q22))
         num = -math.expm1(-y) * (1.0 + plus) - cos2c * de * de / (g + m)
         one_minus_rho[j] = min(max(num / g, 0.0), 2.0) if g > 0.0 else 0.0
 
