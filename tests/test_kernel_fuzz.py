@@ -487,11 +487,18 @@ def _allowance(case, trace, side):
     * Antiparallel inputs (θ ≈ π): every such layer adds the angle error of its
       entering 1 + ρ, to K too for step and sign (README: "θ ≈ π has an absolute
       error of about 1.5e-8").
+    * Pooling sums the covariances of many pairs of positions: where positive
+      and negative ones cancel, its rounding (a few ulps of the largest term) is
+      larger relative to the pooled entry (README: relative to the mean |K_pq|
+      of the pooled window).
     An error of K reaches Θ at the next dense layer, so Θ gets K's too.
     """
     k_extra = t_extra = 0.0
     lossy = False
-    for layer, before, _ in trace:
+    for layer, before, after in trace:
+        if case.spatial and layer.name in ("avg_pool", "global_avg_pool"):
+            k_extra += _pooling_condition(before[0], after[0], side)
+            t_extra += _pooling_condition(before[1], after[1], side)
         wk, wt = _angle_weight(layer)
         if wk or wt:
             minus, plus = _correlations(before, case.spatial, side)
@@ -502,6 +509,16 @@ def _allowance(case, trace, side):
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
     return k_extra, t_extra + k_extra
+
+
+def _pooling_condition(before, after, side):
+    """16 ulps of the largest |covariance| entering a pooling layer for the entry
+    ``side``, relative to the scale of the pooled entries (the smallest diagonal)."""
+    per_in, per_out = len(before) // 2, len(after) // 2
+    largest = max(abs(before[u][v]) for u in range(side[0] * per_in, (side[0] + 1) * per_in)
+                  for v in range(side[1] * per_in, (side[1] + 1) * per_in))
+    diag = [after[u][u] for u in range(2 * per_out) if after[u][u] > 0]
+    return float(16 * EPS * largest / min(diag)) if diag else 0.0
 
 
 def _scales(result):
@@ -526,8 +543,8 @@ def _check_close(case, a, b, rtol, what):
     documented allowance (computed in mpmath for the entries that miss)."""
     for kind in ("nngp", "ntk"):
         x, y = a[kind], b[kind]
-        diag = np.abs(np.diag(x))
-        scale = np.sqrt(np.outer(diag, diag))
+        root = np.sqrt(np.abs(np.diag(x)))
+        scale = np.outer(root, root)  # no overflow of the product of two diagonals
         err = np.abs(x - y)
         bad = np.argwhere(err > rtol * scale)
         if len(bad):
