@@ -493,6 +493,13 @@ def _pair_closed_form(layer):
         return kern
     if name == "gelu":
         def kern(x, y, z):
+            # Large variances cancel in R and in the derivative: more digits.
+            extra = 2 * int(mpmath.log10(max(abs(x), abs(y), 1))) + 10
+            with mpmath.workdps(mpmath.mp.dps + extra):
+                val, der = gelu(x, y, z)
+            return +val, +der
+
+        def gelu(x, y, z):
             # x Φ(x): E = z/4 + z A/(2π) + (x y R + z²)/(2π P Q √R) with P = 1 + x,
             # Q = 1 + y, R = P Q − z², A = asin(z/√(PQ)) (Stein's lemma on
             # E[u 1{u ≥ g}] forms); E' by differentiating in z (Price).

@@ -132,3 +132,22 @@ def test_trig_layers_on_small_inputs_keep_their_precision(act, scale):
     of sin off by 8e-8 at q = 1e-10 and 8e-4 at q = 1e-14, Θ of cos likewise."""
     x = scale * np.array([[1.0, 0.5], [0.7, -0.2], [-0.3, 0.9]])
     _close_to_mp(f"dense, {act}, dense", x)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e43, 1e70])
+def test_gelu_at_large_variances_is_finite_and_right(scale):
+    """Found by fuzzing: below the scaled branch (r11 r22 < 1e100) (q11 q22)² R
+    overflowed, and variances of ~1e86 were refused as not finite. (The mpmath
+    reference needed more digits there too.)"""
+    x = scale * np.array([[1.0, 0.5], [0.7, -0.2], [-0.3, 0.9]])
+    _close_to_mp("dense, gelu, dense", x)
+
+
+def test_a_zero_input_through_a_block_is_not_an_underflow():
+    """Found by fuzzing: a zero input has variance 0 again when a block's branch
+    starts (LOAD), after positive variances in the previous branch; that was
+    refused as an underflow."""
+    spec = ("dense, parallel[identity; dense(b_std=1.0), relu, dense; dense, relu, dense], "
+            "dense")
+    x = np.array([[0.5, -0.2], [0.0, 0.0]])
+    _close_to_mp(spec, x)

@@ -788,7 +788,8 @@ def gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
     With P = 1 + q11, Q = 1 + q22, R = P Q − q12² = 1 + q11 + q22 + q11 q22 (1 − ρ²)
     (≥ 1, formed without cancellation) and A = atan2(q12, √R) = asin(q12/√(PQ)):
     E[φφ]   = q12/4 + q12 A/(2π) + (q11 q22 R + q12²) / (2π P Q √R),
-    E[φ'φ'] = 1/4 + A/(2π) + q12 (1 + 1/R + (1 − q11 q22)/(P Q)) / (2π √R).
+    E[φ'φ'] = 1/4 + A/(2π) + q12 (1/R + (2 + q11 + q22)/(P Q)) / (2π √R)
+    (1 + (1 − q11 q22)/(P Q) written without its cancellation at large q).
     The first follows from x Φ(x) = E_g[x 1{x − g ≥ 0}], g ~ N(0, 1), and
     Stein's lemma; the second is its derivative in q12 (Price's theorem).
     Where q11 q22 would overflow, everything is divided by √(PQ) first
@@ -801,7 +802,8 @@ def gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
         q = q12[j]
         q22 = r22[j] * r22[j]
         cj = one_minus_rho[j]
-        if r11 * r22[j] < 1e100:
+        # (q11 q22)² ~ prod·R must not overflow: direct below r11 r22 = 1e60.
+        if r11 * r22[j] < 1e60:
             prod = q11 * q22
             pq = p1 * (1.0 + q22)
             big_r = 1.0 + q11 + q22 + prod * cj * (2.0 - cj)
@@ -809,8 +811,9 @@ def gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
             ang = math.atan2(q, root) * INV_2PI
             q12[j] = 0.25 * q + q * ang + (prod * big_r + q * q) * INV_2PI / (pq * root)
             if want_ntk:
+                # 1 + (1 − q11 q22)/(P Q) = (2 + q11 + q22)/(P Q): no cancellation
                 ntk[j] *= (0.25 + ang + q * INV_2PI / root
-                           * (1.0 + 1.0 / big_r + (1.0 - prod) / pq))
+                           * (1.0 / big_r + (2.0 + q11 + q22) / pq))
         else:
             p2 = 1.0 + q22
             s = (1.0 / math.sqrt(p1)) / math.sqrt(p2)
@@ -824,8 +827,9 @@ def gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
             q12[j] = (0.25 * q + q * ang
                       + (prod_s * root_r + qs * qs * s / root_r) * INV_2PI)
             if want_ntk:
+                # 1 + s² − u1 u2 = (2 + q11 + q22)/(P Q) = u1/Q + u2/P + 2 s²
                 ntk[j] *= (0.25 + ang + qs * INV_2PI / root_r
-                           * (1.0 + s * s / r + s * s - u1 * u2))
+                           * (s * s / r + u1 / p2 + u2 / p1 + 2.0 * s * s))
     generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
 
 
