@@ -541,8 +541,8 @@ class GramPlan:
         i, j = self.twins
         if not len(i):
             return
-        inside = ((i >= r0) & (i < r0 + next(iter(outs.values())).shape[0])
-                  & (j >= c0) & (j < c0 + next(iter(outs.values())).shape[1]))
+        height, width = next(iter(outs.values())).shape
+        inside = (i >= r0) & (i < r0 + height) & (j >= c0) & (j < c0 + width)
         i, j = i[inside], j[inside]
         diags = {"nngp": self.nngp_diag, "ntk": self.ntk_diag}
         for kind, out in outs.items():
@@ -708,27 +708,99 @@ def _normalise(x):
 def _twin_pairs(x1, x2):
     """(i, j) index arrays of the identical inputs x1[i] = x2[j] (i ≠ j when x2 is
     None: x1 with itself)."""
-    def keys(x):
-        flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64) + 0.0  # -0 → 0
-        return [row.tobytes() for row in flat]
-
-    first = {}
-    for index, key in enumerate(keys(x1)):
-        first.setdefault(key, []).append(index)
+    n = len(x1)
+    flat = x1.reshape(n, -1)
+    if x2 is not None:
+        flat = np.concatenate([flat, x2.reshape(len(x2), -1)])
+    groups = {}
+    for first, later in _identical_rows(flat):
+        groups.setdefault(first, [first]).append(later)
     rows, cols = [], []
-    if x2 is None:
-        for group in first.values():
-            for a in group:
-                for b in group:
-                    if a != b:
-                        rows.append(a)
-                        cols.append(b)
-    else:
-        for j, key in enumerate(keys(x2)):
-            for i in first.get(key, ()):
-                rows.append(i)
-                cols.append(j)
-    return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
+    for members in groups.values():
+        members = np.array(members)
+        if x2 is None:
+            a, b = np.meshgrid(members, members, indexing="ij")
+            off = a != b
+            rows.append(a[off])
+            cols.append(b[off])
+        else:
+            a, b = np.meshgrid(members[members < n], members[members >= n] - n,
+                               indexing="ij")
+            rows.append(a.ravel())
+            cols.append(b.ravel())
+    if not rows:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+
+
+_NEGATIVE_ZERO = np.float64(-0.0).view(np.uint64)
+
+
+def _row_hashes(x):
+    """A 64-bit hash of each row's bits (-0.0 read as 0.0): Σ_k bits_k · m_k mod 2⁶⁴
+    with fixed random odd multipliers m_k. Equal rows have equal hashes."""
+    n, d = x.shape
+    mult = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=d, dtype=np.uint64)
+    mult |= np.uint64(1)
+    bits = x.view(np.uint64)
+    out = np.empty(n, dtype=np.uint64)
+    rows = max(1, (1 << 20) // d)
+    for r0 in range(0, n, rows):
+        block = bits[r0:r0 + rows]
+        block = np.where(block == _NEGATIVE_ZERO, np.uint64(0), block)
+        out[r0:r0 + rows] = (block * mult).sum(axis=1, dtype=np.uint64)  # wraps mod 2⁶⁴
+    return out
+
+
+def _identical_rows(x):
+    """Pairs (i, j), i < j, of rows of x equal in every feature; i the first such row.
+
+    Equal means equal as numbers (x has no NaN; -0.0 equals 0.0). Rows are grouped
+    by a hash of their bits (one pass over x, then a sort of N hashes) and every
+    candidate pair is confirmed by comparing the rows; a run of equal hashes that
+    holds different rows is split exactly by sorting its rows.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    n = x.shape[0]
+    empty = np.empty((0, 2), dtype=np.int64)
+    if n < 2:
+        return empty
+    hashes = _row_hashes(x)
+    order = np.argsort(hashes, kind="stable")  # ascending index within a run
+    sorted_hashes = hashes[order]
+    starts = np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]]
+    run = np.cumsum(starts) - 1
+    first = order[starts][run]
+    later = np.nonzero(~starts)[0]
+    i, j = first[later], order[later]
+    equal = np.empty(i.size, dtype=bool)
+    rows = max(1, (1 << 20) // x.shape[1])
+    for r0 in range(0, i.size, rows):
+        equal[r0:r0 + rows] = np.all(x[i[r0:r0 + rows]] == x[j[r0:r0 + rows]], axis=1)
+    pairs = [np.stack([i, j], axis=1)]
+    if not np.all(equal):
+        mixed = np.unique(run[later[~equal]])
+        keep = ~np.isin(run[later], mixed)
+        pairs = [pairs[0][keep]]
+        for r in mixed:
+            members = order[run == r]
+            pairs.append(_identical_rows_by_sorting(x[members], members))
+    pairs = np.concatenate(pairs).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def _identical_rows_by_sorting(x, index):
+    """:func:`_identical_rows` of the rows x (labelled by index, ascending), by sorting
+    them as byte strings."""
+    x = np.ascontiguousarray(x, dtype=np.float64) + 0.0  # -0.0 + 0.0 == +0.0
+    rows = x.view(np.dtype((np.void, x.itemsize * x.shape[1]))).ravel()
+    _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    inverse = inverse.reshape(-1)
+    j = np.nonzero(counts[inverse] > 1)[0]
+    i = first[inverse[j]]
+    keep = i != j
+    return np.stack([index[i[keep]], index[j[keep]]], axis=1)
 
 
 def _block_rows(n, m):

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 
-from .gram import KINDS, _check_get, check_inputs, kernel, kernel_diag
+from .gram import KINDS, _check_get, _identical_rows, check_inputs, kernel, kernel_diag
 from .layers import Dropout
 from .spec import Block, as_spec
 
@@ -390,76 +390,6 @@ class _Duplicates(NamedTuple):
             differ = np.any(y[pairs[:, 0]] != y[pairs[:, 1]], axis=1)
             conflicts = pairs[differ]
         return cls(pairs, conflicts, bool(singular))
-
-
-_NEGATIVE_ZERO = np.float64(-0.0).view(np.uint64)
-
-
-def _row_hashes(x):
-    """A 64-bit hash of each row's bits (-0.0 read as 0.0): Σ_k bits_k · m_k mod 2⁶⁴
-    with fixed random odd multipliers m_k. Equal rows have equal hashes."""
-    n, d = x.shape
-    mult = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=d, dtype=np.uint64)
-    mult |= np.uint64(1)
-    bits = x.view(np.uint64)
-    out = np.empty(n, dtype=np.uint64)
-    rows = max(1, (1 << 20) // d)
-    for r0 in range(0, n, rows):
-        block = bits[r0:r0 + rows]
-        block = np.where(block == _NEGATIVE_ZERO, np.uint64(0), block)
-        out[r0:r0 + rows] = (block * mult).sum(axis=1, dtype=np.uint64)  # wraps mod 2⁶⁴
-    return out
-
-
-def _identical_rows(x):
-    """Pairs (i, j), i < j, of rows of x equal in every feature; i the first such row.
-
-    Equal means equal as numbers (x has no NaN; -0.0 equals 0.0). Rows are grouped
-    by a hash of their bits (one pass over x, then a sort of N hashes) and every
-    candidate pair is confirmed by comparing the rows; a run of equal hashes that
-    holds different rows is split exactly by sorting its rows.
-    """
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    n = x.shape[0]
-    empty = np.empty((0, 2), dtype=np.int64)
-    if n < 2:
-        return empty
-    hashes = _row_hashes(x)
-    order = np.argsort(hashes, kind="stable")  # ascending index within a run
-    sorted_hashes = hashes[order]
-    starts = np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]]
-    run = np.cumsum(starts) - 1
-    first = order[starts][run]
-    later = np.nonzero(~starts)[0]
-    i, j = first[later], order[later]
-    equal = np.empty(i.size, dtype=bool)
-    rows = max(1, (1 << 20) // x.shape[1])
-    for r0 in range(0, i.size, rows):
-        equal[r0:r0 + rows] = np.all(x[i[r0:r0 + rows]] == x[j[r0:r0 + rows]], axis=1)
-    pairs = [np.stack([i, j], axis=1)]
-    if not np.all(equal):
-        mixed = np.unique(run[later[~equal]])
-        keep = ~np.isin(run[later], mixed)
-        pairs = [pairs[0][keep]]
-        for r in mixed:
-            members = order[run == r]
-            pairs.append(_identical_rows_by_sorting(x[members], members))
-    pairs = np.concatenate(pairs).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
-
-
-def _identical_rows_by_sorting(x, index):
-    """:func:`_identical_rows` of the rows x (labelled by index, ascending), by sorting
-    them as byte strings."""
-    x = np.ascontiguousarray(x, dtype=np.float64) + 0.0  # -0.0 + 0.0 == +0.0
-    rows = x.view(np.dtype((np.void, x.itemsize * x.shape[1]))).ravel()
-    _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True,
-                                          return_counts=True)
-    inverse = inverse.reshape(-1)
-    j = np.nonzero(counts[inverse] > 1)[0]
-    i = first[inverse[j]]
-    keep = i != j
-    return np.stack([index[i[keep]], index[j[keep]]], axis=1)
 
 
 def _has_dropout(spec):
