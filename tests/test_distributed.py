@@ -57,6 +57,18 @@ def _bytes(path):
 # ------------------------------------------------------------ tiles and stores
 
 
+def _assert_store_matches(out, ref, sym):
+    """A store's matrices against the in-memory kernel."""
+    for kind in ("nngp", "ntk"):
+        # Tiles run the same fused pass on GEMMs of other shapes, whose sums
+        # may round differently: a few ulps of the largest entry.
+        scale = np.abs(ref[kind]).max()
+        assert_allclose(out[kind], ref[kind], rtol=0, atol=1e-13 * scale)
+        if sym:
+            assert np.array_equal(out[kind], out[kind].T)
+            assert np.array_equal(np.diag(out[kind]), np.diag(ref[kind]))
+
+
 @pytest.mark.parametrize("spec, shape", [
     ("conv, relu, avg_pool, conv, relu, global_avg_pool, dense", (4, 4, 2)),
     ("conv(k=3), relu, conv(k=3), relu, flatten, dense", (7, 3))])
@@ -70,12 +82,7 @@ def test_store_of_images_and_sequences_equals_in_memory_kernel(tmp_path, spec, s
     out = kernel_to_store(spec, x1, x2, path=tmp_path / "s", tile=16, memory="200MB",
                           progress=False)
     ref = kernel(spec, x1, x2)
-    for kind in ("nngp", "ntk"):
-        scale = np.abs(ref[kind]).max()
-        assert_allclose(out[kind], ref[kind], rtol=0, atol=1e-13 * scale)
-        if sym:
-            assert np.array_equal(out[kind], out[kind].T)
-            assert np.array_equal(np.diag(out[kind]), np.diag(ref[kind]))
+    _assert_store_matches(out, ref, sym)
 
 
 @pytest.mark.parametrize("spec", [SPEC, NUMERICAL])
@@ -85,14 +92,7 @@ def test_store_equals_in_memory_kernel(tmp_path, spec, sym):
     # tile 40 leaves ragged last tiles (150 = 3·40 + 30, 97 = 2·40 + 17).
     out = kernel_to_store(spec, x1, x2, path=tmp_path / "s", tile=40, progress=False)
     ref = kernel(spec, x1, x2)
-    for kind in ("nngp", "ntk"):
-        # Tiles run the same fused pass on GEMMs of other shapes, whose sums
-        # may round differently: a few ulps of the largest entry.
-        scale = np.abs(ref[kind]).max()
-        assert_allclose(out[kind], ref[kind], rtol=0, atol=1e-13 * scale)
-        if sym:
-            assert np.array_equal(out[kind], out[kind].T)
-            assert np.array_equal(np.diag(out[kind]), np.diag(ref[kind]))
+    _assert_store_matches(out, ref, sym)
     state = status(tmp_path / "s")
     assert state.complete and state.done == state.total == (10 if sym else 12)
 
