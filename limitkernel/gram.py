@@ -25,6 +25,8 @@ KINDS = ("nngp", "ntk")
 
 # Row blocks are sized so that one block of the GEMM holds about this many bytes.
 _BLOCK_BYTES = 64 << 20
+# A float32 output takes its rows in chunks whose float64 GEMM holds about this.
+_SCRATCH_BYTES = 256 << 20
 
 
 class MemoryBudgetError(MemoryError):
@@ -468,15 +470,25 @@ class GramPlan:
         self.rows = sides[0]
         self.cols = sides[-1]
 
-    def block(self, rows, cols, r0, r1, c0, c1, buffer, k_out, t_out, sym, mirror=False,
+    def gemm(self, rows, cols, r0, r1, c0, c1, out):
+        """x_i · x'_j (unscaled) for rows r0:r1 and columns c0:c1 into ``out``
+        (float64, (r1 - r0, c1 - c0), rows of unit stride); inputs on positions
+        need none."""
+        if self.spatial is None:
+            np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=out)
+
+    def block(self, rows, cols, r0, r1, c0, c1, g, k_out, t_out, sym, mirror=False,
               want_nngp=True):
         """Rows r0:r1, columns c0:c1 of ``rows`` × ``cols`` into the outputs.
 
         Indices are relative to the two sides (:meth:`_Side.part`) and the
-        outputs are indexed the same way; ``buffer`` is float64 scratch with at
-        least (r1 - r0)(c1 - c0) entries. With ``sym`` only entries with
-        column >= row are written; with ``mirror`` too (rows and columns the
-        same inputs, c0 == r0), each of them also at its mirror place. Without ``want_nngp`` (vectors only), ``k_out`` is not written.
+        outputs are indexed the same way; ``g`` holds the products of
+        :meth:`gemm` for these rows and columns (vectors only; it may be the
+        rows r0:r1 of an output itself, whose entries each row reads before
+        it writes them). With ``sym`` only entries with column >= row are
+        written; with ``mirror`` too (rows and columns the same inputs, c0 ==
+        r0 or 0), each of them also at its mirror place. Without
+        ``want_nngp`` (vectors only), ``k_out`` is not written.
         """
         status = np.full(3, -1, dtype=np.int64)
         if self.spatial is not None:
@@ -496,9 +508,7 @@ class GramPlan:
                 for out in (k_out, t_out) if self.want_ntk else (k_out,):
                     _mirror_block(out, r0, r1, c1)
             return
-        dest = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
-        np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=dest)
-        _fused.gram_block(dest, k_out, t_out, r0, c0, sym, mirror, self.scale, rows.xn,
+        _fused.gram_block(g, k_out, t_out, r0, c0, sym, mirror, self.scale, rows.xn,
                           cols.xn, rows.roots, cols.roots, rows.var0, cols.var0, self.codes,
                           self.prm, rows.h, cols.h, rows.hd, cols.hd, status, want_nngp,
                           self.want_ntk)
@@ -565,8 +575,12 @@ class GramPlan:
         want_nngp = "nngp" in self.kinds or self.spatial is not None
         k_out = np.empty((nr, nc) if want_nngp else (1, 1), dtype=self.dtype)
         t_out = np.empty((nr, nc) if self.want_ntk else (1, 1), dtype=self.dtype)
-        self.block(self.rows.part(r0, r1), self.cols.part(c0, c1), 0, nr, 0, nc,
-                   np.empty(nr * nc), k_out, t_out, on_diag, on_diag, want_nngp)
+        rows, cols = self.rows.part(r0, r1), self.cols.part(c0, c1)
+        # float64 output holds the GEMM itself (each row is read before written).
+        g = (k_out if want_nngp else t_out) if self.dtype == np.float64 else \
+            np.empty((nr, nc))
+        self.gemm(rows, cols, 0, nr, 0, nc, g)
+        self.block(rows, cols, 0, nr, 0, nc, g, k_out, t_out, on_diag, on_diag, want_nngp)
         outs = {"nngp": (k_out, self.nngp_diag), "ntk": (t_out, self.ntk_diag)}
         result = {}
         for kind in self.kinds:
@@ -648,27 +662,50 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     # always carry K.
     want_nngp = "nngp" in plan.kinds or plan.spatial is not None
     _check_memory(n, m, plan.n_features, dt, int(want_nngp) + int(plan.want_ntk),
-                  memory_limit)
+                  memory_limit, scratch=plan.spatial is None)
 
     k_out = np.empty((n, m) if want_nngp else (1, 1), dtype=dt)
     t_out = np.empty((n, m) if plan.want_ntk else (1, 1), dtype=dt)
     rows = _block_rows(n, m)
-    # The GEMM of each row block lands in one C-contiguous scratch buffer, so the
-    # numba pass always sees the same array layout (one compiled specialisation)
-    # and float32 output needs no second buffer. The outputs are first written
-    # (their pages first touched) by the threads of that pass, block by block;
-    # with x2 = None each block is the upper triangle's rows r0:r1 against
-    # columns r0:m, and the pass also writes their mirror image below the
-    # diagonal while they are in cache (the passes over positions copy each
-    # block's mirror image after it).
-    buffer = np.empty(rows * m)
-    blocks = range(0, n, rows)
-    if progress:
-        blocks = _progress(blocks, n, rows)
-    for r0 in blocks:
-        r1 = min(r0 + rows, n)
-        plan.block(plan.rows, plan.cols, r0, r1, r0 if sym else 0, m, buffer,
-                   k_out, t_out, sym, sym, want_nngp)
+    bar = _progress(n) if progress else None
+    if plan.spatial is not None:
+        # The passes over positions need no GEMM; each block's mirror image
+        # is copied after it.
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            plan.block(plan.rows, plan.cols, r0, r1, r0 if sym else 0, m, None, k_out,
+                       t_out, sym, sym, want_nngp)
+            _advance(bar, r1 - r0)
+    else:
+        # All the GEMM first, then all the passes: BLAS and the passes each
+        # keep their own threads, which spin for a while after their work, so
+        # alternating between them block by block costs both. A float64 output
+        # holds the GEMM itself (each row of the pass reads its products
+        # before it writes the row); float32 output takes chunks of rows
+        # through a float64 scratch. With x2 = None only the upper triangle is
+        # formed (row block r0:r1 against columns r0:m), and the pass writes
+        # its mirror image below the diagonal while it is in cache; the
+        # outputs' pages are first touched by the threads of the GEMM and of
+        # the pass.
+        in_place = dt == np.float64
+        for c_start, c_stop in _chunks(n, m, sym, in_place):
+            if in_place:
+                g = k_out if want_nngp else t_out
+            else:
+                g = np.empty((c_stop - c_start, m))
+            base = 0 if in_place else c_start
+            for r0 in range(c_start, c_stop, rows):
+                r1 = min(r0 + rows, c_stop)
+                c0 = r0 if sym else 0
+                plan.gemm(plan.rows, plan.cols, r0, r1, c0, m, g[r0 - base:r1 - base, c0:])
+            for r0 in range(c_start, c_stop, rows):
+                r1 = min(r0 + rows, c_stop)
+                plan.block(plan.rows, plan.cols, r0, r1, 0, m, g[r0 - base:r1 - base],
+                           k_out, t_out, sym, sym, want_nngp)
+                _advance(bar, r1 - r0)
+            del g
+    if bar is not None:
+        bar.close()
     if sym:
         if want_nngp:
             np.fill_diagonal(k_out, plan.nngp_diag)
@@ -808,9 +845,27 @@ def _block_rows(n, m):
     return max(1, min(n, max(16, _BLOCK_BYTES // (8 * m))))
 
 
-def _check_memory(n, m, d, dt, count, memory_limit):
-    """Refuse ``count`` (n, m) outputs of dtype ``dt`` that would not fit."""
-    need = count * n * m * dt.itemsize + 2 * (n + m) * d * 8 + 8 * _block_rows(n, m) * m
+def _chunk_rows(n, m):
+    """Rows of a float32 output whose float64 GEMM scratch (rows × m) holds
+    about _SCRATCH_BYTES, at least one GEMM block."""
+    return min(n, max(_block_rows(n, m), _SCRATCH_BYTES // (8 * m)))
+
+
+def _chunks(n, m, sym, in_place):
+    """Row ranges whose GEMM is formed before their passes run: all rows when
+    the output holds the GEMM itself, else chunks of :func:`_chunk_rows`."""
+    if in_place:
+        return [(0, n)]
+    rows = _chunk_rows(n, m)
+    return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+
+
+def _check_memory(n, m, d, dt, count, memory_limit, scratch=True):
+    """Refuse ``count`` (n, m) outputs of dtype ``dt`` that would not fit, with
+    the float64 GEMM scratch of a float32 output (``scratch``)."""
+    need = count * n * m * dt.itemsize + 2 * (n + m) * d * 8
+    if scratch and dt != np.float64:
+        need += 8 * _chunk_rows(n, m) * m
     limit = memory_limit if memory_limit is not None else available_memory()
     if limit is not None and need > limit:
         raise MemoryBudgetError(
@@ -821,14 +876,20 @@ def _check_memory(n, m, d, dt, count, memory_limit):
         )
 
 
-def _progress(blocks, n, rows):
+def _progress(n):
+    """A progress bar over the n rows of the output, or None without tqdm."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         warnings.warn("progress=True needs tqdm: pip install 'limitkernel[progress]'",
                       stacklevel=3)
-        return blocks
-    return tqdm(blocks, total=math.ceil(n / rows), unit="block", desc="gram")
+        return None
+    return tqdm(total=n, unit="row", desc="gram")
+
+
+def _advance(bar, rows):
+    if bar is not None:
+        bar.update(rows)
 
 
 def _warn_if_degenerate(kind, value, chi=None):

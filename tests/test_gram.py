@@ -161,6 +161,27 @@ def test_get_one_kernel_and_many_row_blocks(monkeypatch):
     np.testing.assert_array_equal(only["ntk"], blocked["ntk"])
 
 
+@pytest.mark.parametrize("x2_rows", [None, 37])
+def test_float32_output_in_chunks_of_rows(monkeypatch, x2_rows):
+    from limitkernel import gram
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((100, 5))
+    x2 = None if x2_rows is None else rng.standard_normal((x2_rows, 5))
+    whole = lk.kernel(RELU3, x, x2, dtype="float32")
+    monkeypatch.setattr(gram, "_BLOCK_BYTES", 8 * 100 * 16)  # 16-row GEMM blocks
+    monkeypatch.setattr(gram, "_SCRATCH_BYTES", 8 * 100 * 40)  # 40-row chunks
+    assert gram._chunks(100, 100, True, False)[:2] == [(0, 40), (40, 80)]
+    chunked = lk.kernel(RELU3, x, x2, dtype="float32")
+    f64 = lk.kernel(RELU3, x, x2)
+    for kind in ("nngp", "ntk"):
+        # Chunks change only the GEMM's summation order, well below float32's rounding.
+        np.testing.assert_allclose(chunked[kind], whole[kind], rtol=2 ** -23, atol=0)
+        np.testing.assert_allclose(chunked[kind], f64[kind], rtol=2 ** -24, atol=0)
+        if x2 is None:
+            np.testing.assert_array_equal(chunked[kind], chunked[kind].T)
+
+
 def test_integer_and_noncontiguous_inputs_are_converted():
     x = np.arange(60).reshape(6, 10)
     as_float = np.ascontiguousarray(x[:, ::2], dtype=float)
@@ -194,20 +215,22 @@ def test_bad_arguments():
 
 def test_refuses_what_will_not_fit():
     x = np.ones((1000, 3))
-    # two 1000 x 1000 float64 outputs (16 MB), the inputs and their normalised
-    # copies (2 x 2000 x 3 x 8 B), and the 1000 x 1000 float64 GEMM buffer (8 MB)
-    with pytest.raises(lk.MemoryBudgetError, match="need 24.1 MB but only 1 MB is available"):
+    # two 1000 x 1000 float64 outputs (16 MB; the GEMM is formed in one of them)
+    # and the inputs and their normalised copies (2 x 2000 x 3 x 8 B)
+    with pytest.raises(lk.MemoryBudgetError, match="need 16.1 MB but only 1 MB is available"):
         lk.kernel(RELU3, x, memory_limit=1_000_000)
-
+    # float32: two 4 MB outputs, the inputs, and the float64 GEMM of the rows (8 MB)
+    with pytest.raises(lk.MemoryBudgetError, match="need 16.1 MB but only 1 MB is available"):
+        lk.kernel(RELU3, x, dtype="float32", memory_limit=1_000_000)
 
 
 def test_one_kernel_needs_one_output():
     # The refusal above advises get='ntk': one 1000 x 1000 output (8 MB) then
-    # fits in 20 MB, where both kernels (24.1 MB) do not.
+    # fits in 12 MB, where both kernels (16.1 MB) do not.
     x = np.random.default_rng(8).standard_normal((1000, 3))
-    with pytest.raises(lk.MemoryBudgetError, match="need 24.1 MB"):
-        lk.kernel(RELU3, x, memory_limit=20_000_000)
-    only = lk.kernel(RELU3, x, get="ntk", memory_limit=20_000_000)
+    with pytest.raises(lk.MemoryBudgetError, match="need 16.1 MB"):
+        lk.kernel(RELU3, x, memory_limit=12_000_000)
+    only = lk.kernel(RELU3, x, get="ntk", memory_limit=12_000_000)
     assert list(only) == ["ntk"]
     np.testing.assert_array_equal(only["ntk"], lk.kernel(RELU3, x)["ntk"])
 
