@@ -43,6 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if (REPO_ROOT / "limitkernel").is_dir():
+    sys.path.insert(0, str(REPO_ROOT))
+
 SPEC = "3 * [dense(w_std=1.5, b_std=0.05), {}], dense(w_std=1.5, b_std=0.05)"
 INPUT_DIM = 784
 DEFAULT_NS = (1000, 2000, 4000, 8000)

@@ -33,6 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if (REPO_ROOT / "limitkernel").is_dir():
+    sys.path.insert(0, str(REPO_ROOT))
+
 HERE = Path(__file__).resolve().parent
 # Benchmark the source tree, not an installed copy (Dask's spawned workers
 # inherit sys.path).

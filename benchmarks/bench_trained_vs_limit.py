@@ -47,14 +47,20 @@ Run: ``python benchmarks/bench_trained_vs_limit.py`` (``--quick`` for a smoke te
 
 import argparse
 import math
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from scipy.linalg import eigh
 from scipy.special import ndtri
 from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if (REPO_ROOT / "limitkernel").is_dir():
+    sys.path.insert(0, str(REPO_ROOT))
 
 import limitkernel as lk
 from limitkernel.experiments import flow_ensemble, flow_predict, loglog_slope
