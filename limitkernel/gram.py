@@ -148,11 +148,16 @@ def _format_bytes(n):
         n /= 1000.0
 
 
-def _stack_tables(tables, n, transpose):
+def _stack_tables(tables, n, transpose, only=None):
+    """The Hermite tables of the numerical ops, one array per kind (φ, φ'), of
+    shape (ops, n, terms), or (ops, terms, n) with ``transpose``; with ``only``,
+    just that op's tables are filled (the others stay untouched zero pages)."""
     terms = max([t[0].shape[1] for t in tables], default=1)
     shape = (max(len(tables), 1),) + ((terms, n) if transpose else (n, terms))
     out = (np.zeros(shape), np.zeros(shape))
     for index, pair in enumerate(tables):
+        if only is not None and index != only:
+            continue
         for dest, coef in zip(out, pair):
             width = coef.shape[1]
             if transpose:
@@ -273,8 +278,10 @@ def _run_self(program, side, start, stop):
     if stop <= start:
         return
     n = side["var"].shape[1]
-    h1, hd1 = _stack_tables(side["tables"], n, False)
-    h2, hd2 = _stack_tables(side["tables"], n, True)
+    # A stretch holds at most one numerical op, at its start: the newest table.
+    newest = len(side["tables"]) - 1
+    h1, hd1 = _stack_tables(side["tables"], n, False, newest)
+    h2, hd2 = _stack_tables(side["tables"], n, True, newest)
     status = np.full(1, -1, dtype=np.int64)
     _fused.self_rows(start, stop, side["var"], side["roots"], side["k"], side["c"],
                      side["t"], side["stash"], program.codes, program.prm, h1, h2, hd1, hd2,
