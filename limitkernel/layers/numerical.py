@@ -805,6 +805,9 @@ def _hermite_horner(out, coef, cols, j0, j1, x, x2, first, step, count):
     """out = Σ coef[k] cols[k, j0:j1] ρ^k over k = first, first + step, ... < count.
 
     ``x`` holds ρ and ``x2`` ρ² for the block; step 2 runs Horner in ρ².
+    Each sweep over the block takes four terms, so each partial sum is loaded
+    and stored once per four steps rather than once per step (the steps
+    themselves, and their rounding, are those of one term at a time).
     """
     width = out.shape[0]
     for jj in range(width):
@@ -813,11 +816,26 @@ def _hermite_horner(out, coef, cols, j0, j1, x, x2, first, step, count):
         return
     last = first + ((count - 1 - first) // step) * step
     z = x if step == 1 else x2
-    for k in range(last, first - 1, -step):
+    k = last
+    for _ in range(((last - first) // step + 1) % 4):
         ak = coef[k]
         col = cols[k, j0:j1]
         for jj in range(width):
             out[jj] = out[jj] * z[jj] + ak * col[jj]
+        k -= step
+    while k >= first:
+        a0, a1, a2, a3 = coef[k], coef[k - step], coef[k - 2 * step], coef[k - 3 * step]
+        c0 = cols[k, j0:j1]
+        c1 = cols[k - step, j0:j1]
+        c2 = cols[k - 2 * step, j0:j1]
+        c3 = cols[k - 3 * step, j0:j1]
+        for jj in range(width):
+            zj = z[jj]
+            o = out[jj] * zj + a0 * c0[jj]
+            o = o * zj + a1 * c1[jj]
+            o = o * zj + a2 * c2[jj]
+            out[jj] = o * zj + a3 * c3[jj]
+        k -= 4 * step
     if step == 2 and first == 1:
         for jj in range(width):
             out[jj] *= x[jj]
