@@ -202,6 +202,8 @@ def self_diagonals(program, xs):
         if stop == n_ops:
             break
         kind = program.ops[stop].kind
+        for side in sides:  # the series needs finite variances entering it
+            _check_finite(program, side["var"][:stop + 1], side["t"])
         coefs = [kind.coefficients(side["var"][stop]) for side in sides]
         terms = max(c[0].shape[1] for c in coefs)
         for side, pair in zip(sides, coefs):
@@ -231,13 +233,7 @@ def _check_range(program, var, ntk, small=None):
     """
     ops = program.ops
     small = var if small is None else small
-    bad = ~np.isfinite(var).all(axis=1)
-    if bad.any() or not np.all(np.isfinite(ntk)):
-        index = int(np.argmax(bad)) if bad.any() else len(ops)
-        raise FloatingPointError(
-            f"the kernel overflows at layer {max(index, 1)} ({ops[max(index - 1, 0)]}): "
-            f"variances reach {float(np.max(np.abs(var[:index]))):.3g} before it; lower "
-            "w_std, b_std or the input scale")
+    _check_finite(program, var, ntk)
     tiny = (small > 0) & (small < _TINY_VARIANCE)
     lost = np.zeros_like(tiny)
     lost[1:] = (small[1:] == 0) & (small[:-1] > 0)
@@ -256,6 +252,19 @@ def _check_range(program, var, ntk, small=None):
             f"the variances underflow at layer {index} ({ops[index - 1]}): they reach "
             f"{float(small[index][(tiny | lost)[index]].min()):.3g}, where float64 loses "
             "relative precision; raise w_std or b_std, or rescale the inputs")
+
+
+def _check_finite(program, var, ntk):
+    """Refuse diagonals that are not finite, naming the first op that made them so;
+    ``var`` holds the variances entering the ops so far (row 0 the inputs')."""
+    ops = program.ops
+    bad = ~np.isfinite(var).all(axis=1)
+    if bad.any() or not np.all(np.isfinite(ntk)):
+        index = int(np.argmax(bad)) if bad.any() else len(var) - 1
+        raise FloatingPointError(
+            f"the kernel overflows at layer {max(index, 1)} ({ops[max(index - 1, 0)]}): "
+            f"variances reach {float(np.max(np.abs(var[:index]))):.3g} before it; lower "
+            "w_std, b_std or the input scale")
 
 
 def _check_spatial_range(program, var, ntk):

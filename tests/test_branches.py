@@ -347,3 +347,22 @@ def test_kernel_properties(text):
         assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(k).max()
         np.testing.assert_allclose(shuffled[kind], k[np.ix_(perm, perm)], rtol=1e-13)
         np.testing.assert_allclose(cross[kind], k[:10, 10:], rtol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(2,), (2, 1)])
+def test_parallel_keeps_identical_inputs_at_one_minus_rho_zero(shape):
+    # Found by fuzzing: the sum's 1 − ρ had a term x1 y2 − x2 y1 that the compiler
+    # may fuse into fma(x1, y2, −x2 y1), which keeps the rounding error of x1 y1
+    # for identical inputs: 1 − ρ = 4e-34 instead of 0, and at variances of 1e36
+    # an rbf layer (E[φ²] = 1 at every variance) then gave a diagonal of 0.
+    if len(shape) == 2:
+        spec = ("conv(k=1, padding=same), parallel[abs, conv(k=1, padding=same); abs, "
+                "conv(k=1, padding=same, w_std=0.75)], rbf(gamma=1.0), flatten, dense")
+    else:
+        spec = "dense, parallel[abs, dense; abs, dense(w_std=0.75)], rbf(gamma=1.0), dense"
+    x = np.array([1.257302210933933e18, -1.321048632913019e18]).reshape((1,) + shape)
+    # rbf's diagonal is 1 at every input scale, so the network's is the same at
+    # 1e18 as at 1 (the last dense layer maps that 1 the same way).
+    expected = lk.kernel_diag(spec, x / 1e18)["nngp"][0]
+    assert lk.kernel_diag(spec, x)["nngp"][0] == expected
+    assert lk.kernel(spec, x)["nngp"][0, 0] == expected

@@ -240,6 +240,18 @@ def test_overflow_is_reported():
         lk.kernel("200 * [dense(w_std=100), relu], dense", np.ones((2, 2)))
 
 
+def test_overflow_before_a_series_is_named_not_passed_on():
+    # Found by fuzzing: the gaussian layer of b = -1 has E[φ²] = ∞ once 4|b|q ≥ 1,
+    # and the tanh after it was handed NaN variances (a ValueError naming tanh).
+    spec = ("dense(parameterization=standard, width=1), gaussian(a=1.0, b=-1.0), "
+            "dense(parameterization=standard, width=1), residual[dense(parameterization="
+            "standard, width=1), tanh, dense(parameterization=standard, width=1)], "
+            "dense(parameterization=standard)")
+    x = np.array([[0.1257302210933933], [0.1257302210933933], [6.404226504432821e+77]])
+    with pytest.raises(FloatingPointError, match=r"overflows at layer 2 \(gaussian"):
+        lk.kernel(spec, x)
+
+
 def test_degenerate_deep_kernel_warns():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((8, 3))
