@@ -321,7 +321,12 @@ def add_row(q12, one_minus_rho, ntk, aq, ac, at, r11, r22, s11, s22, n11, n22, w
         nrm = n11 * n22[j]
         xx = x1 * x2
         yy = y1 * y2
-        lag = x1 * y2 - x2 * y1
+        # x1 y2 − x2 y1 written in the differences: 0 exactly for identical
+        # inputs even where the compiler fuses a product into the subtraction
+        # (fma(x1, y2, −x2 y1) keeps x1 y1's rounding error: at variances of 1e36
+        # that left 1 − ρ = 4e-34 after a parallel block, and an rbf layer's
+        # diagonal of 1 became 0), and an exact negation when the inputs swap.
+        lag = 0.5 * ((x1 - x2) * (y1 + y2) - (x1 + x2) * (y1 - y2))
         if nrm > 0.0:
             cn = (lag * lag / (nrm + xx + yy) + xx * ac[j] + yy * one_minus_rho[j]) / nrm
         else:
