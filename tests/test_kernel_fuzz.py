@@ -27,8 +27,10 @@ GELU, gaussian, Hermite-series and pooling layers, which a later ReLU-family,
 step or sign layer turns into an error of about 1e-16/√(1 − ρ) in Θ; θ ≈ π at
 (nearly) antiparallel pairs, where 1 + ρ is not carried — the tolerance of an
 entry grows by exactly that, computed from the mpmath recursion of that pair
-(:func:`_allowance`). Comparisons first try the tight tolerance and compute the
-allowance only for entries that miss it.
+(:func:`_allowance`); with Hermite-series layers, whose pairs of different inputs
+the mpmath reference does not compute, by that loss at its documented worst case
+(:func:`_series_allowance`). Comparisons first try the tight tolerance and
+compute the allowance only for entries that miss it.
 
 The default run is sized for CI. ``LIMITKERNEL_FUZZ_EXAMPLES=N`` runs N examples
 per property instead (a fuzzing campaign).
@@ -511,6 +513,25 @@ def _allowance(case, trace, side):
     return k_extra, t_extra + k_extra
 
 
+def _series_allowance(case):
+    """:func:`_allowance` without an mpmath trace, for networks with Hermite-series
+    layers (the reference has no series between different inputs): every angle is
+    taken at its documented worst case, δθ = √(2 DC) (README: θ ≈ π, "about
+    1.5e-8", at every ReLU-family, step or sign layer; θ near 0 at those after a
+    layer that takes 1 − ρ from the covariance)."""
+    worst = math.sqrt(2.0 * DC)
+    k_extra = t_extra = 0.0
+    lossy = False
+    for layer in _layers(case.spec):
+        wk, wt = _angle_weight(layer)
+        error = worst + (worst if lossy else 0.0)  # θ ≈ π, and θ ≈ 0 after a loss
+        k_extra += wk * worst
+        t_extra += (wt + wk) * error
+        if layer.name in LOSSY or getattr(layer, "series", False):
+            lossy = True
+    return k_extra, t_extra + k_extra
+
+
 def _pooling_condition(before, after, side):
     """16 ulps of the largest |covariance| entering a pooling layer for the entry
     ``side``, relative to the scale of the pooled entries (the smallest diagonal)."""
@@ -551,10 +572,11 @@ def _check_close(case, a, b, rtol, what):
             target(float(np.max(err / np.where(scale > 0, scale, 1e-300))), label=f"{what} {kind}")
         for i, j in bad:
             if _has_series(case.spec):
-                raise AssertionError(f"{what}: {kind}[{i},{j}] = {x[i, j]!r} vs {y[i, j]!r} "
-                                     f"(scale {scale[i, j]:.3g}) for {case!r}")
-            tol_k, tol_t = _pair_tolerance(case, min(i, j), max(i, j), rtol)
-            tol = 2 * (tol_k if kind == "nngp" else tol_t) + rtol * scale[i, j]
+                k_extra, t_extra = _series_allowance(case)
+                tol = (2 * (k_extra if kind == "nngp" else t_extra) + 3 * rtol) * scale[i, j]
+            else:
+                tol_k, tol_t = _pair_tolerance(case, min(i, j), max(i, j), rtol)
+                tol = 2 * (tol_k if kind == "nngp" else tol_t) + rtol * scale[i, j]
             assert err[i, j] <= tol, (
                 f"{what}: {kind}[{i},{j}] = {x[i, j]!r} vs {y[i, j]!r}, off by "
                 f"{err[i, j] / scale[i, j]:.3g} of the scale (allowed "
@@ -640,12 +662,16 @@ def test_kernel_is_symmetric_and_positive_semidefinite(case):
             continue
         # Weyl: the smallest eigenvalue moves by at most ‖E‖₂ ≤ ‖|E|‖_F for an
         # error matrix E bounded entry by entry by the documented tolerances.
-        assert not _has_series(case.spec), f"{kind}: eigenvalue {low:.3g}: {case!r}"
         bound = np.zeros((n, n))
-        for i in range(n):
-            for j in range(i, n):
-                tol_k, tol_t = _pair_tolerance(case, i, j, RTOL)
-                bound[i, j] = bound[j, i] = tol_k if kind == "nngp" else tol_t
+        if _has_series(case.spec):
+            root = np.sqrt(np.abs(np.diag(k)))
+            k_extra, t_extra = _series_allowance(case)
+            bound = (RTOL + (k_extra if kind == "nngp" else t_extra)) * np.outer(root, root)
+        else:
+            for i in range(n):
+                for j in range(i, n):
+                    tol_k, tol_t = _pair_tolerance(case, i, j, RTOL)
+                    bound[i, j] = bound[j, i] = tol_k if kind == "nngp" else tol_t
         allowed = np.linalg.norm(bound) + 64 * EPS * n * top
         assert low >= -allowed, (f"{kind}: smallest eigenvalue {low:.3g} < -{allowed:.3g} "
                                  f"(max entry {top:.3g}): {case!r}")
