@@ -419,7 +419,13 @@ def _has_series(spec):
 def _trace(case, i, j, dps=50):
     """The mpmath recursion of inputs i and j: (result, [(layer, before, after)]),
     the states as (q11, q22, q12, Θ11, Θ22, Θ12) for vectors, (K, Θ) joint
-    matrices over both inputs' positions for images and sequences."""
+    matrices over both inputs' positions for images and sequences.
+
+    Variances of size V need about 2 log10(V) more digits: products of two of
+    them are differenced (Gram determinants, (1 + t x)(1 + t y) − (t z)²), and
+    1 − ρ near 0 is 1/V-small (an input of scale 1e30 lacked digits at 50)."""
+    scale = max(float(np.max(np.abs(case.x[i]))), float(np.max(np.abs(case.x[j]))), 1.0)
+    dps += int(4 * math.log10(scale))
     trace = []
     if case.spatial:
         result = spatial_kernel_mp(case.spec, case.x[i], case.x[j], dps=dps, trace=trace)
