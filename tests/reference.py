@@ -195,8 +195,12 @@ def _series_same(layer, q11, q22, q12):
     root = mpmath.sqrt(q11)
 
     def gauss(g):
-        return mpmath.quad(lambda z: g(root * z) ** 2 * mpmath.npdf(z), [-mpmath.inf, 0,
-                                                                          mpmath.inf])
+        # Scaled to order 1 first: quad's tolerance is absolute (1e-dps), so at
+        # tiny variances (tanh(u)² ~ q = 1e-78) an unscaled integral is off by %.
+        size = max(abs(g(root)), abs(g(-root)), abs(g(mpmath.mpf(0)))) ** 2
+        size = size if size > 0 else mpmath.mpf(1)
+        return size * mpmath.quad(lambda z: g(root * z) ** 2 / size * mpmath.npdf(z),
+                                  [-mpmath.inf, 0, mpmath.inf])
     k, d = gauss(f), gauss(df)
     return (k, k, k), (d, d, d)
 

@@ -240,16 +240,23 @@ def test_overflow_is_reported():
         lk.kernel("200 * [dense(w_std=100), relu], dense", np.ones((2, 2)))
 
 
-def test_overflow_before_a_series_is_named_not_passed_on():
-    # Found by fuzzing: the gaussian layer of b = -1 has E[φ²] = ∞ once 4|b|q ≥ 1,
-    # and the tanh after it was handed NaN variances (a ValueError naming tanh).
+def test_series_after_a_gaussian_at_huge_variances():
+    # Found by fuzzing: the gaussian layer of b = -1 (finite at every variance)
+    # gave NaN variances at input scale 1e78, and the tanh after it raised a bare
+    # ValueError. Now each input's K(x, x) and Θ(x, x) match mpmath (the series'
+    # bound, tol = 1e-12, relative).
+    from reference import kernel_mp
+
     spec = ("dense(parameterization=standard, width=1), gaussian(a=1.0, b=-1.0), "
             "dense(parameterization=standard, width=1), residual[dense(parameterization="
             "standard, width=1), tanh, dense(parameterization=standard, width=1)], "
             "dense(parameterization=standard)")
-    x = np.array([[0.1257302210933933], [0.1257302210933933], [6.404226504432821e+77]])
-    with pytest.raises(FloatingPointError, match=r"overflows at layer 2 \(gaussian"):
-        lk.kernel(spec, x)
+    x = np.array([[0.1257302210933933], [6.404226504432821e+77]])
+    got = lk.kernel(spec, x)
+    for i in range(2):
+        (k, _, _), (t, _, _) = kernel_mp(spec, x[i], x[i], dps=60)
+        assert abs(got["nngp"][i, i] - k) <= 1e-11 * k
+        assert abs(got["ntk"][i, i] - t) <= 1e-11 * t
 
 
 def test_degenerate_deep_kernel_warns():

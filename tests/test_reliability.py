@@ -87,6 +87,16 @@ def test_gaussian_on_large_inputs_with_mixed_signs():
     _close_to_mp("dense, gaussian(a=1, b=-1), dense", x)
 
 
+def test_gaussian_at_variances_whose_product_overflows():
+    """Found by fuzzing: q11 q22 overflowed above variances of ~1e154 (inf · 0 for an
+    input with itself), and a decaying gaussian (b < 0), whose kernel is finite at
+    every variance, was refused as an overflow."""
+    spec = ("dense(parameterization=standard, width=1), gaussian(a=1.0, b=-1.0), "
+            "dense(parameterization=standard)")
+    _close_to_mp(spec, np.array([[0.1257302210933933], [-1.3210486329130188e+77]]))
+    _close_to_mp(spec, np.array([[3e80], [-1e79]]))
+
+
 def test_scale_invariant_layernorm_refuses_underflowing_inputs():
     """layernorm(eps=0) on x·1e-165 gave an all-zero kernel (x·x/d underflows)."""
     x = np.random.default_rng(0).standard_normal((4, 3))

@@ -726,13 +726,29 @@ def gaussian_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
     for j in range(n):
         q22 = r22[j] * r22[j]
         cj = one_minus_rho[j]
-        det = (1.0 - 2.0 * b * (q11 + q22)
-               + 4.0 * b * b * q11 * q22 * cj * (2.0 - cj))
-        root = math.sqrt(det)
-        if want_ntk:
-            ntk[j] *= slope * q12[j] / (det * root)
-        q12[j] = a2 / root
+        if max(q11, q22) < _GAUSSIAN_SCALED:
+            det = (1.0 - 2.0 * b * (q11 + q22)
+                   + 4.0 * b * b * q11 * q22 * cj * (2.0 - cj))
+            root = math.sqrt(det)
+            if want_ntk:
+                ntk[j] *= slope * q12[j] / (det * root)
+            q12[j] = a2 / root
+        else:
+            # Variances this large only occur for b < 0; q11 q22 would overflow
+            # (inf · 0 for identical inputs), so Δ is formed as Δ s², s = 1/max q.
+            s = 1.0 / max(q11, q22)
+            u1 = q11 * s
+            u2 = q22 * s
+            det_s = s * s - 2.0 * b * (u1 + u2) * s + 4.0 * b * b * u1 * u2 * cj * (2.0 - cj)
+            root_s = math.sqrt(det_s)
+            if want_ntk:
+                ntk[j] *= slope * ((((q12[j] * s) / root_s) * s) / det_s) * s
+            q12[j] = (a2 * s) / root_s
     generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
+
+
+# Above this variance the gaussian layer forms its determinant scaled.
+_GAUSSIAN_SCALED = 1e100
 
 
 @register
