@@ -490,8 +490,8 @@ def _allowance(case, trace, side):
 
     * Nearly identical inputs: after a layer that takes 1 − ρ from the
       covariance (LOSSY), every ReLU-family, step or sign layer adds the angle
-      error of its entering 1 − ρ to Θ (README: about 1e-16/√(1 − ρ); "K itself
-      is not affected", so nothing is added to K).
+      error of its entering 1 − ρ to Θ (README: about 1e-16/√(1 − ρ)), and step
+      and sign to K as well (their K is the angle itself).
     * Antiparallel inputs (θ ≈ π): every such layer adds the angle error of its
       entering 1 + ρ, to K too for step and sign (README: "θ ≈ π has an absolute
       error of about 1.5e-8").
@@ -512,7 +512,7 @@ def _allowance(case, trace, side):
             minus, plus = _correlations(before, case.spatial, side)
             anti = _theta_error(plus)
             near = _theta_error(minus) if lossy else 0.0
-            k_extra += wk * anti
+            k_extra += wk * (anti + near)
             t_extra += wt * (anti + near) + wk * (anti + near)
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
@@ -531,7 +531,7 @@ def _series_allowance(case):
     for layer in _layers(case.spec):
         wk, wt = _angle_weight(layer)
         error = worst + (worst if lossy else 0.0)  # θ ≈ π, and θ ≈ 0 after a loss
-        k_extra += wk * worst
+        k_extra += wk * error
         t_extra += (wt + wk) * error
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
