@@ -478,11 +478,11 @@ def _angle_weight(layer):
     return 0.0, 0.0
 
 
-def _theta_error(c):
-    """|δθ| for c = 1 − ρ (or 1 + ρ) known to an absolute DC: DC/√(c(2 − c)), at
-    most √(2 DC) (c below DC)."""
+def _theta_error(c, dc=DC):
+    """|δθ| for c = 1 − ρ (or 1 + ρ) known to an absolute dc: dc/√(c(2 − c)), at
+    most √(2 dc) (c below dc)."""
     c = float(c)
-    return min(DC / math.sqrt(max(c * (2.0 - c), 1e-300)), math.sqrt(2.0 * DC))
+    return min(dc / math.sqrt(max(c * (2.0 - c), 1e-300)), math.sqrt(2.0 * dc))
 
 
 def _allowance(case, trace, side):
@@ -498,20 +498,24 @@ def _allowance(case, trace, side):
     * Pooling sums the covariances of many pairs of positions: where positive
       and negative ones cancel, its rounding (a few ulps of the largest term) is
       larger relative to the pooled entry (README: relative to the mean |K_pq|
-      of the pooled window).
+      of the pooled window), and so is the error of the 1 ± ρ taken from it,
+      which later angles see.
     An error of K reaches Θ at the next dense layer, so Θ gets K's too.
     """
     k_extra = t_extra = 0.0
     lossy = False
+    dc = DC  # the absolute error of a 1 ± ρ taken from the covariance
     for layer, before, after in trace:
         if case.spatial and layer.name in ("avg_pool", "global_avg_pool"):
-            k_extra += _pooling_condition(before[0], after[0], side)
+            pooled = _pooling_condition(before[0], after[0], side)
+            k_extra += pooled
             t_extra += _pooling_condition(before[1], after[1], side)
+            dc = max(dc, pooled)  # the covariance's rounding, relative to the scale
         wk, wt = _angle_weight(layer)
         if wk or wt:
             minus, plus = _correlations(before, case.spatial, side)
-            anti = _theta_error(plus)
-            near = _theta_error(minus) if lossy else 0.0
+            anti = _theta_error(plus, dc)
+            near = _theta_error(minus, dc) if lossy else 0.0
             k_extra += wk * (anti + near)
             t_extra += wt * (anti + near) + wk * (anti + near)
         if layer.name in LOSSY or getattr(layer, "series", False):
