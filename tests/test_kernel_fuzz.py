@@ -507,10 +507,13 @@ def _allowance(case, trace, side):
     dc = DC  # the absolute error of a 1 ± ρ taken from the covariance
     for layer, before, after in trace:
         if case.spatial and layer.name in ("avg_pool", "global_avg_pool"):
-            pooled = _pooling_condition(before[0], after[0], side)
-            k_extra += pooled
-            t_extra += _pooling_condition(before[1], after[1], side)
-            dc = max(dc, pooled)  # the covariance's rounding, relative to the scale
+            # The errors of the entries pooled, and its own rounding, are relative
+            # to the largest covariance pooled, not to the pooled scale.
+            ratio_k = _pooling_ratio(before[0], after[0], side)
+            ratio_t = _pooling_ratio(before[1], after[1], side)
+            k_extra = k_extra * max(ratio_k, 1.0) + 16 * EPS * ratio_k
+            t_extra = t_extra * max(ratio_t, 1.0) + 16 * EPS * ratio_t
+            dc = max(dc, 16 * EPS * ratio_k)  # the covariance's rounding, relative
         wk, wt = _angle_weight(layer)
         if wk or wt:
             minus, plus = _correlations(before, case.spatial, side)
@@ -542,14 +545,14 @@ def _series_allowance(case):
     return k_extra, t_extra + k_extra
 
 
-def _pooling_condition(before, after, side):
-    """16 ulps of the largest |covariance| entering a pooling layer for the entry
-    ``side``, relative to the scale of the pooled entries (the smallest diagonal)."""
+def _pooling_ratio(before, after, side):
+    """The largest |covariance| entering a pooling layer for the entry ``side``,
+    relative to the scale of the pooled entries (the smallest diagonal)."""
     per_in, per_out = len(before) // 2, len(after) // 2
     largest = max(abs(before[u][v]) for u in range(side[0] * per_in, (side[0] + 1) * per_in)
                   for v in range(side[1] * per_in, (side[1] + 1) * per_in))
     diag = [after[u][u] for u in range(2 * per_out) if after[u][u] > 0]
-    return float(16 * EPS * largest / min(diag)) if diag else 0.0
+    return float(largest / min(diag)) if diag else 0.0
 
 
 def _scales(result):
