@@ -366,3 +366,16 @@ def test_parallel_keeps_identical_inputs_at_one_minus_rho_zero(shape):
     expected = lk.kernel_diag(spec, x / 1e18)["nngp"][0]
     assert lk.kernel_diag(spec, x)["nngp"][0] == expected
     assert lk.kernel(spec, x)["nngp"][0, 0] == expected
+
+
+def test_parallel_between_inputs_of_very_different_norms():
+    # Found by fuzzing: 1 − ρ of a sum written as ((x1 − x2)(y1 + y2) − (x1 + x2)(y1 − y2))/2
+    # cancelled catastrophically between inputs of norms 1e18 and 5 (K off by 0.4, a
+    # kernel with a negative eigenvalue); each entry is held to mpmath here.
+    spec = "dense, parallel[abs, dense; relu, dense], erf, dense"
+    x = np.array([[1.257302210933933e18, -1.321048632913019e18], [-5.356693731611109,
+                                                                  3.6159505490948476]])
+    got = lk.kernel(spec, x)
+    (k11, k12, k22), (t11, t12, t22) = kernel_mp(spec, x[0], x[1], dps=120)
+    assert abs(got["nngp"][0, 1] - k12) <= 1e-13 * np.sqrt(float(k11 * k22))
+    assert abs(got["ntk"][0, 1] - t12) <= 1e-13 * np.sqrt(float(t11 * t22))

@@ -321,12 +321,13 @@ def add_row(q12, one_minus_rho, ntk, aq, ac, at, r11, r22, s11, s22, n11, n22, w
         nrm = n11 * n22[j]
         xx = x1 * x2
         yy = y1 * y2
-        # x1 y2 − x2 y1 written in the differences: 0 exactly for identical
-        # inputs even where the compiler fuses a product into the subtraction
-        # (fma(x1, y2, −x2 y1) keeps x1 y1's rounding error: at variances of 1e36
-        # that left 1 − ρ = 4e-34 after a parallel block, and an rbf layer's
-        # diagonal of 1 became 0), and an exact negation when the inputs swap.
-        lag = 0.5 * ((x1 - x2) * (y1 + y2) - (x1 + x2) * (y1 - y2))
+        # 0 exactly for identical inputs: the compiler may fuse a product into
+        # the subtraction, and fma(x1, y2, −x2 y1) keeps x1 y1's rounding error
+        # (at variances of 1e36 that left 1 − ρ = 4e-34 after a parallel block,
+        # and an rbf layer's diagonal of 1 became 0). Written in the
+        # differences instead, it cancels catastrophically between inputs of
+        # very different norms.
+        lag = 0.0 if (x1 == x2 and y1 == y2) else x1 * y2 - x2 * y1
         if nrm > 0.0:
             cn = (lag * lag / (nrm + xx + yy) + xx * ac[j] + yy * one_minus_rho[j]) / nrm
         else:
