@@ -97,6 +97,16 @@ def test_gaussian_at_variances_whose_product_overflows():
     _close_to_mp(spec, np.array([[3e80], [-1e79]]))
 
 
+# At this scale cos's kernel is the same for every pair, which a warning says.
+@pytest.mark.filterwarnings("ignore::limitkernel.gram.DegenerateKernelWarning")
+@pytest.mark.parametrize("act", ["rbf(gamma=0.646)", "sin", "cos"])
+def test_trig_layers_on_huge_antiparallel_inputs(act):
+    """Found by fuzzing: q11 + q22 + 2 q12 rounded below 0 for x and −x at variances
+    of 1e119, exp of it overflowed, and rbf's K came out NaN (refused)."""
+    x = np.array([[-3.0103019816147397e+56], [3.0103019816147397e+56]])
+    _close_to_mp(f"dense(w_std=3.0), dense(w_std=1.63), {act}, dense", x)
+
+
 def test_scale_invariant_layernorm_refuses_underflowing_inputs():
     """layernorm(eps=0) on x·1e-165 gave an all-zero kernel (x·x/d underflows)."""
     x = np.random.default_rng(0).standard_normal((4, 3))
