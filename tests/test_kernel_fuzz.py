@@ -513,7 +513,8 @@ def _allowance(case, trace, side):
             ratio_t = _pooling_ratio(before[1], after[1], side)
             k_extra = k_extra * max(ratio_k, 1.0) + 16 * EPS * ratio_k
             t_extra = t_extra * max(ratio_t, 1.0) + 16 * EPS * ratio_t
-            dc = max(dc, 16 * EPS * ratio_k)  # the covariance's rounding, relative
+            # A later 1 ± ρ, taken from the pooled covariance, has its error.
+            dc = max(dc, k_extra)
         wk, wt = _angle_weight(layer)
         if wk or wt:
             minus, plus = _correlations(before, case.spatial, side)
