@@ -559,7 +559,8 @@ def _pooling_ratio(before, after, side):
 def _scales(result):
     """√(K11 K22) and √(Θ11 Θ22) of an mpmath result."""
     (k11, _, k22), (t11, _, t22) = result
-    return math.sqrt(k11 * k22), math.sqrt(t11 * t22)
+    return (mpmath.sqrt(abs(k11)) * mpmath.sqrt(abs(k22)),
+            mpmath.sqrt(abs(t11)) * mpmath.sqrt(abs(t22)))
 
 
 def _pair_tolerance(case, i, j, rtol):
@@ -594,7 +595,7 @@ def _check_close(case, a, b, rtol, what):
             assert err[i, j] <= tol, (
                 f"{what}: {kind}[{i},{j}] = {x[i, j]!r} vs {y[i, j]!r}, off by "
                 f"{err[i, j] / scale[i, j]:.3g} of the scale (allowed "
-                f"{tol / scale[i, j]:.3g}) for {case!r}")
+                f"{float(tol / scale[i, j]):.3g}) for {case!r}")
 
 
 def _variance_extremes(case):
@@ -767,10 +768,13 @@ def test_small_cases_match_mpmath(case):
             for kind, values, extra in (("nngp", result[0], k_extra),
                                         ("ntk", result[1], t_extra)):
                 ref = values[index]
-                scale = math.sqrt(abs(values[0] * values[2])) if a != b else abs(ref)
+                # in mpmath: √(K11 K22) of entries near 1e-164 or 1e154 would
+                # underflow or overflow as floats
+                scale = (mpmath.sqrt(abs(values[0])) * mpmath.sqrt(abs(values[2]))
+                         if a != b else abs(ref))
                 got = out[kind][a, b]
-                err = abs(got - ref)
-                worst[kind] = max(worst[kind], err / scale if scale > 0 else 0.0)
+                err = abs(mpmath.mpf(float(got)) - ref)
+                worst[kind] = max(worst[kind], float(err / scale) if scale > 0 else 0.0)
                 assert err <= (RTOL + extra) * scale, (
                     f"{kind}[{a},{b}] = {got!r}, mpmath {ref!r}: off by "
                     f"{err / scale if scale else err:.3g} of the scale (allowed "
