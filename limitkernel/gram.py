@@ -704,7 +704,7 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         # outputs' pages are first touched by the threads of the GEMM and of
         # the pass.
         in_place = dt == np.float64
-        for c_start, c_stop in _chunks(n, m, sym, in_place):
+        for c_start, c_stop in _chunks(n, m, in_place):
             if in_place:
                 g = k_out if want_nngp else t_out
             else:
@@ -867,7 +867,7 @@ def _chunk_rows(n, m):
     return min(n, max(_block_rows(n, m), _SCRATCH_BYTES // (8 * m)))
 
 
-def _chunks(n, m, sym, in_place):
+def _chunks(n, m, in_place):
     """Row ranges whose GEMM is formed before their passes run: all rows when
     the output holds the GEMM itself, else chunks of :func:`_chunk_rows`."""
     if in_place:

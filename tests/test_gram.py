@@ -171,7 +171,7 @@ def test_float32_output_in_chunks_of_rows(monkeypatch, x2_rows):
     whole = lk.kernel(RELU3, x, x2, dtype="float32")
     monkeypatch.setattr(gram, "_BLOCK_BYTES", 8 * 100 * 16)  # 16-row GEMM blocks
     monkeypatch.setattr(gram, "_SCRATCH_BYTES", 8 * 100 * 40)  # 40-row chunks
-    assert gram._chunks(100, 100, True, False)[:2] == [(0, 40), (40, 80)]
+    assert gram._chunks(100, 100, False)[:2] == [(0, 40), (40, 80)]
     chunked = lk.kernel(RELU3, x, x2, dtype="float32")
     f64 = lk.kernel(RELU3, x, x2)
     for kind in ("nngp", "ntk"):
