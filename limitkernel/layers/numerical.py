@@ -656,25 +656,10 @@ def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_r
         j1 = 1 if lone and j0 == 0 else min(j0 + HERMITE_BLOCK, n)
         width = j1 - j0
         # Views indexed from 0 let the compiler vectorise the loops.
-        x = rho[j0:j1]
-        x2 = square[:width]
-        cj = one_minus_rho[j0:j1]
-        r = 0.0
-        for jj in range(width):
-            v = 1.0 - cj[jj]
-            x[jj] = v
-            x2[jj] = v * v
-            r = max(r, abs(v))
-        out = q12[j0:j1]
-        _hermite_horner(out, a_row, b_cols, col0 + j0, col0 + j1, x, x2, first_a, step_a,
-                        _hermite_count(tail_a, r, terms))
-        if want_ntk:
-            d = acc[j0:j1]
-            _hermite_horner(d, ad_row, bd_cols, col0 + j0, col0 + j1, x, x2, first_d, step_d,
-                            _hermite_count(tail_d, r, terms))
-            t = ntk[j0:j1]
-            for jj in range(width):
-                t[jj] *= d[jj]
+        _hermite_block(q12[j0:j1], acc[j0:j1], ntk[j0:j1], one_minus_rho[j0:j1],
+                       rho[j0:j1], square[:width], a_row, b_cols, ad_row, bd_cols,
+                       col0 + j0, first_a, step_a, tail_a, first_d, step_d, tail_d, terms,
+                       want_ntk)
     generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
 
 
@@ -728,26 +713,11 @@ def hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, layer, roots1, r
             if j0 >= n:
                 continue
             width = j1 - j0
-            xb = x[:width]
-            x2 = square[:width]
-            cj = one_minus_rho[g, j0:j1]
-            r = 0.0
-            for jj in range(width):
-                v = 1.0 - cj[jj]
-                xb[jj] = v
-                x2[jj] = v * v
-                r = max(r, abs(v))
             i = rows[g]
-            col = col0s[g]
-            _hermite_horner(q12[g, j0:j1], h1[h, i], h2[h], col + j0, col + j1, xb, x2,
-                            first_a[g], step_a[g], _hermite_count(tail_a[g], r, terms))
-            if want_ntk:
-                d = deriv[:width]
-                _hermite_horner(d, hd1[h, i], hd2[h], col + j0, col + j1, xb, x2,
-                                first_d[g], step_d[g], _hermite_count(tail_d[g], r, terms))
-                t = ntk[g, j0:j1]
-                for jj in range(width):
-                    t[jj] *= d[jj]
+            _hermite_block(q12[g, j0:j1], deriv[:width], ntk[g, j0:j1],
+                           one_minus_rho[g, j0:j1], x[:width], square[:width], h1[h, i],
+                           h2[h], hd1[h, i], hd2[h], col0s[g] + j0, first_a[g], step_a[g],
+                           tail_a[g], first_d[g], step_d[g], tail_d[g], terms, want_ntk)
     for g in range(n_rows):
         n = lengths[g]
         i = rows[g]
@@ -755,6 +725,31 @@ def hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, layer, roots1, r
         generic_one_minus_rho(q12[g, :n], one_minus_rho[g, :n], roots1[layer, i],
                               roots2[layer, col:col + n], roots1[layer + 1, i],
                               roots2[layer + 1, col:col + n])
+
+
+@jit
+def _hermite_block(out, deriv, ntk, cj, x, x2, a_row, b_cols, ad_row, bd_cols, col, first_a,
+                   step_a, tail_a, first_d, step_d, tail_d, terms, want_ntk):
+    """One block of a Hermite row, for :func:`hermite_row` and :func:`hermite_rows`
+    alike: ``out`` ← E[φφ], ``ntk`` ×= E[φ'φ'] on the columns ``col`` … ``col +
+    len(cj) − 1`` of the tables, from their 1 − ρ ``cj``; ``x``, ``x2`` receive
+    ρ and ρ², ``deriv`` the E[φ'φ'] (scratch of the block's width). The series
+    stop at the terms the block's largest |ρ| needs (:func:`_hermite_count`).
+    """
+    width = cj.shape[0]
+    r = 0.0
+    for jj in range(width):
+        v = 1.0 - cj[jj]
+        x[jj] = v
+        x2[jj] = v * v
+        r = max(r, abs(v))
+    _hermite_horner(out, a_row, b_cols, col, col + width, x, x2, first_a, step_a,
+                    _hermite_count(tail_a, r, terms))
+    if want_ntk:
+        _hermite_horner(deriv, ad_row, bd_cols, col, col + width, x, x2, first_d, step_d,
+                        _hermite_count(tail_d, r, terms))
+        for jj in range(width):
+            ntk[jj] *= deriv[jj]
 
 
 @jit
