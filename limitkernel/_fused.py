@@ -215,12 +215,11 @@ def gram_block(g, k_out, t_out, r0, c0, sym, mirror, scale, x1n, x2n, roots1, ro
     nb, m = g.shape
     n_ops = codes.shape[0]
     slots = 0
+    size = ROW_GROUP
     for layer in range(n_ops):
         if codes[layer] == OP_SAVE:
             slots = max(slots, 3 * int(prm[layer, 1]))
-    size = ROW_GROUP
-    for layer in range(n_ops):
-        if codes[layer] == OP_HERMITE:
+        elif codes[layer] == OP_HERMITE:
             size = ROW_GROUP_SERIES
     n_groups = (nb + size - 1) // size
     for step in prange(n_groups):

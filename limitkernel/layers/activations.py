@@ -596,12 +596,14 @@ def trig_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
         q22 = r22[j] * r22[j]
         root22 = math.sqrt(q22)
         gap = root11 - root22
-        y = h * (gap * gap + 2.0 * root11 * root22 * one_minus_rho[j])
+        gap_sq = gap * gap
+        cross = 2.0 * root11 * root22
+        y = h * (gap_sq + cross * one_minus_rho[j])
         minus = math.exp(-y)
         # q11 + q22 + 2 q12 = (√q11 − √q22)² + 2√(q11 q22)(1 + ρ) ≥ 0 as well: formed
         # from the covariance it could round below 0 for antiparallel inputs of
         # large variance, and exp of it overflow (found by fuzzing: NaN at 1e119).
-        raw_plus = math.exp(-h * (gap * gap + 2.0 * root11 * root22 * (2.0 - one_minus_rho[j])))
+        raw_plus = math.exp(-h * (gap_sq + cross * (2.0 - one_minus_rho[j])))
         plus = raw_plus * cos2c
         # E− − E+ = −E− expm1(−2 b² q12), exactly as the exponents differ by
         # 2 b² q12; then E− ∓ C E+ = (E− − E+) + (1 ∓ C) E+ has no cancellation
