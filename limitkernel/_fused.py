@@ -318,7 +318,8 @@ def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, 
     caller stops at each Hermite op to compute its tables). Each op runs once
     to learn the variance it leaves (K never depends on it) and once for real,
     exactly as a pair of identical inputs will, so that their entries equal
-    the diagonal.
+    the diagonal (a Hermite-series op, whose K and Θ do not depend on the
+    variance it leaves, runs once).
     """
     n_inputs = k.shape[0]
     for i in prange(n_inputs):
@@ -329,19 +330,26 @@ def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, 
         probe_k = np.empty(1)
         probe_c = np.empty(1)
         probe_t = np.empty(1)
+        probe_stash = np.empty_like(own)
         rho = np.empty(1)
         acc = np.empty(1)
         for layer in range(l0, l1):
             probe_k[0] = q12[0]
             probe_c[0] = omr[0]
             probe_t[0] = ntk[0]
-            probe_stash = own.copy()
+            probe_stash[:] = own
             roots[layer + 1, i] = 1.0
             run_ops(layer, layer + 1, probe_k, probe_c, probe_t, probe_stash, rho, acc, i, i,
                     roots, roots, codes, prm, h1, h2, hd1, hd2, True, True, status)
             var[layer + 1, i] = probe_k[0]
             roots[layer + 1, i] = math.sqrt(probe_k[0])
-            run_ops(layer, layer + 1, q12, omr, ntk, own, rho, acc, i, i, roots, roots,
-                    codes, prm, h1, h2, hd1, hd2, True, True, status)
+            if codes[layer] == OP_HERMITE:
+                # The roots leaving a series op enter only its 1 − ρ, which is
+                # 0 here: the probe is the real thing (and the costly one).
+                q12[0] = probe_k[0]
+                ntk[0] = probe_t[0]
+            else:
+                run_ops(layer, layer + 1, q12, omr, ntk, own, rho, acc, i, i, roots, roots,
+                        codes, prm, h1, h2, hd1, hd2, True, True, status)
             omr[0] = 0.0
 

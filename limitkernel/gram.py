@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from . import _fused, _fused_spatial
+from . import _fused, _fused_spatial, _rows
 from ._program import Program
 from .spec import SpecError
 
@@ -148,16 +148,13 @@ def _format_bytes(n):
         n /= 1000.0
 
 
-def _stack_tables(tables, n, transpose, only=None):
+def _stack_tables(tables, n, transpose):
     """The Hermite tables of the numerical ops, one array per kind (φ, φ'), of
-    shape (ops, n, terms), or (ops, terms, n) with ``transpose``; with ``only``,
-    just that op's tables are filled (the others stay untouched zero pages)."""
+    shape (ops, n, terms), or (ops, terms, n) with ``transpose``."""
     terms = max([t[0].shape[1] for t in tables], default=1)
     shape = (max(len(tables), 1),) + ((terms, n) if transpose else (n, terms))
     out = (np.zeros(shape), np.zeros(shape))
     for index, pair in enumerate(tables):
-        if only is not None and index != only:
-            continue
         for dest, coef in zip(out, pair):
             width = coef.shape[1]
             if transpose:
@@ -286,14 +283,22 @@ def _check_spatial_range(program, var, ntk):
 def _run_self(program, side, start, stop):
     if stop <= start:
         return
-    n = side["var"].shape[1]
-    # A stretch holds at most one numerical op, at its start: the newest table.
-    newest = len(side["tables"]) - 1
-    h1, hd1 = _stack_tables(side["tables"], n, False, newest)
-    h2, hd2 = _stack_tables(side["tables"], n, True, newest)
+    prm = program.prm
+    if side["tables"]:
+        # A stretch holds at most one numerical op, at its start: the newest
+        # table, passed alone (as table 0) — the rows' as it is, the columns'
+        # transposed.
+        coef, dcoef = side["tables"][-1]
+        h1, hd1 = coef[None], dcoef[None]
+        h2, hd2 = (np.ascontiguousarray(t.T)[None] for t in (coef, dcoef))
+        if program.codes[start] == _fused.OP_HERMITE:
+            prm = prm.copy()
+            prm[start, 0] = 0.0
+    else:
+        h1 = hd1 = h2 = hd2 = np.zeros((1, 1, 1))
     status = np.full(1, -1, dtype=np.int64)
     _fused.self_rows(start, stop, side["var"], side["roots"], side["k"], side["c"],
-                     side["t"], side["stash"], program.codes, program.prm, h1, h2, hd1, hd2,
+                     side["t"], side["stash"], program.codes, prm, h1, h2, hd1, hd2,
                      status)
     _check_status(status)
 
@@ -786,22 +791,14 @@ def _twin_pairs(x1, x2):
     return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
 
 
-_NEGATIVE_ZERO = np.float64(-0.0).view(np.uint64)
-
-
 def _row_hashes(x):
     """A 64-bit hash of each row's bits (-0.0 read as 0.0): Σ_k bits_k · m_k mod 2⁶⁴
     with fixed random odd multipliers m_k. Equal rows have equal hashes."""
     n, d = x.shape
     mult = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=d, dtype=np.uint64)
     mult |= np.uint64(1)
-    bits = x.view(np.uint64)
     out = np.empty(n, dtype=np.uint64)
-    rows = max(1, (1 << 20) // d)
-    for r0 in range(0, n, rows):
-        block = bits[r0:r0 + rows]
-        block = np.where(block == _NEGATIVE_ZERO, np.uint64(0), block)
-        out[r0:r0 + rows] = (block * mult).sum(axis=1, dtype=np.uint64)  # wraps mod 2⁶⁴
+    _rows.row_hashes(x.view(np.uint64), mult, out)
     return out
 
 
