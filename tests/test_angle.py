@@ -42,6 +42,38 @@ def test_angle_and_s_match_mpmath():
         assert abs(s - float(ref_s)) <= 8 * np.finfo(float).eps * float(ref_s) + 1e-300, value
 
 
+def test_s_pair_matches_mpmath_at_both_ends():
+    # S(θ) and S(π − θ) from one series, against mpmath at the exact angle of c.
+    @njit
+    def pairs(c):
+        out = np.empty((c.shape[0], 2))
+        for i in range(c.shape[0]):
+            theta, sin_t, cos_t = K.angle(c[i])
+            out[i, 0], out[i, 1] = K.sin_minus_theta_cos_pair(theta, sin_t, cos_t)
+        return out
+
+    rng = np.random.default_rng(2)
+    c = np.concatenate([np.logspace(-300, -1, 200), rng.uniform(0, 2, 1000),
+                        2.0 - np.logspace(-16, -0.2, 200), [0.0, 1.0, 2.0]])
+    got = pairs(c)
+    eps = np.finfo(float).eps
+    for value, (s, s_sup) in zip(c, got):
+        # sin θ − θ cos θ ≈ θ³/3 cancels: give mpmath the digits it loses.
+        theta = float(K.angle(value)[0])
+        with mpmath.workdps(40 + int(max(0.0, -3 * math.log10(theta + 1e-320)))):
+            t = 2 * mpmath.asin(mpmath.sqrt(mpmath.mpf(float(value)) / 2))
+            ref = mpmath.sin(t) - t * mpmath.cos(t)
+            ref_sup = mpmath.sin(t) + (mpmath.pi - t) * mpmath.cos(t)
+            gap = float(mpmath.pi - t)
+        # S(θ): a few ulps relative, as sin_minus_theta_cos. S(π − θ) ≈ (π − θ)³/3
+        # also carries the angle's own absolute error δθ ≤ 4 eps π (tested
+        # above) as a relative error 3 δθ / (π − θ).
+        assert abs(s - float(ref)) <= 8 * eps * float(ref) + 1e-300, value
+        angle_part = 3 * 4 * eps * math.pi / gap if gap > 0 else math.inf
+        tol_sup = (8 * eps + angle_part) * float(ref_sup) + 1e-300
+        assert abs(s_sup - float(ref_sup)) <= tol_sup, value
+
+
 def test_atan_polynomial_over_all_octants():
     @njit
     def many(y, x):

@@ -11,7 +11,7 @@ import math
 
 from .._numba import jit
 
-__all__ = ["angle", "arccos_j", "atan2_upper", "sin_minus_theta_cos"]
+__all__ = ["angle", "arccos_j", "atan2_upper", "sin_minus_theta_cos", "sin_minus_theta_cos_pair"]
 
 INV_PI = 1.0 / math.pi
 INV_2PI = 0.5 / math.pi
@@ -45,9 +45,10 @@ def atan2_upper(y, x):
     ax = abs(x)
     num = min(y, ax)
     den = max(y, ax)
-    t = num / den if den > 0.0 else 0.0
-    big = t > _TAN_PI_8
-    u = (t - 1.0) / (t + 1.0) if big else t
+    # t = num/den, reduced past tan(π/8) to (t − 1)/(t + 1) = (num − den)/(num + den):
+    # one division either way.
+    big = num > _TAN_PI_8 * den
+    u = (num - den if big else num) / (num + den if big else (den if den > 0.0 else 1.0))
     w = u * u
     p = ATAN_POLY[13]
     p = p * w + ATAN_POLY[12]
@@ -84,16 +85,42 @@ def sin_minus_theta_cos(theta, sin_t, cos_t):
     leave a relative truncation error under 1e-19, and above it the direct
     difference loses at most three bits.
     """
-    if theta < 0.6:
-        t2 = theta * theta
-        poly = (1.0 / 3.0) + t2 * (-1.0 / 30.0 + t2 * (1.0 / 840.0 + t2 * (
-            -1.0 / 45360.0 + t2 * (1.0 / 3991680.0 + t2 * (
-                -1.0 / 518918400.0 + t2 * (1.0 / 93405312000.0 + t2 * (
-                    -1.0 / 22230464256000.0 + t2 * (1.0 / 6758061133824000.0))))))))
-        return theta * t2 * poly
+    if theta < _S_SERIES_BELOW:
+        return _s_series(theta)
     return sin_t - theta * cos_t
 
 
+@jit
+def _s_series(theta):
+    t2 = theta * theta
+    poly = (1.0 / 3.0) + t2 * (-1.0 / 30.0 + t2 * (1.0 / 840.0 + t2 * (
+        -1.0 / 45360.0 + t2 * (1.0 / 3991680.0 + t2 * (
+            -1.0 / 518918400.0 + t2 * (1.0 / 93405312000.0 + t2 * (
+                -1.0 / 22230464256000.0 + t2 * (1.0 / 6758061133824000.0))))))))
+    return theta * t2 * poly
+
+
+_S_SERIES_BELOW = 0.6
+
+
+@jit
+def sin_minus_theta_cos_pair(theta, sin_t, cos_t):
+    """(S(θ), S(π − θ)), with one Taylor series between them.
+
+    S(π − θ) = sin θ + (π − θ) cos θ vanishes like (π − θ)³/3 as θ → π, as S(θ)
+    does as θ → 0. With φ = min(θ, π − θ) and c = cos φ ≥ 0, S(φ) is taken as
+    :func:`sin_minus_theta_cos` takes it, and the other as S(φ) + π c (by the
+    series, φ < 0.6) or sin φ + (π − φ) c: sums of terms ≥ 0, no cancellation.
+    """
+    far = theta > 0.5 * math.pi
+    phi = math.pi - theta if far else theta
+    c = -cos_t if far else cos_t
+    series = phi < _S_SERIES_BELOW
+    near_s = _s_series(phi) if series else sin_t - phi * c
+    far_s = near_s + math.pi * c if series else sin_t + (math.pi - phi) * c
+    if far:
+        return far_s, near_s
+    return near_s, far_s
 
 
 # Cho–Saul arc-cosine integrals, J_k(θ) = (π − θ) P_k(cos θ) + sin θ Q_k(cos θ):

@@ -31,7 +31,7 @@ from scipy import special
 from .._numba import jit
 from .._program import OpKind
 from ..spec import Layer, SpecError, layer_from_name, register
-from ._angle import INV_2PI, INV_PI, angle, arccos_j, sin_minus_theta_cos
+from ._angle import INV_2PI, INV_PI, angle, arccos_j, sin_minus_theta_cos_pair
 
 __all__ = [
     "ABRelu",
@@ -256,10 +256,9 @@ def abrelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
     for j in range(n):
         cj = one_minus_rho[j] if r11 * r22[j] > 0.0 else 1.0
         theta, sin_t, cos_t = angle(cj)
-        s = sin_minus_theta_cos(theta, sin_t, cos_t)
-        # sin θ + (π − θ) cos θ = S(π − θ): evaluated as such, it keeps its
-        # relative precision as θ → π, where it vanishes like (π − θ)³/3.
-        s_sup = sin_minus_theta_cos(math.pi - theta, sin_t, -cos_t)
+        # S(π − θ) = sin θ + (π − θ) cos θ keeps its relative precision as
+        # θ → π, where it vanishes like (π − θ)³/3.
+        s, s_sup = sin_minus_theta_cos_pair(theta, sin_t, cos_t)
         q12[j] = r11 * r22[j] * (apb2 * s_sup - ab2 * s) * INV_2PI
         if want_ntk:
             ntk[j] *= (apb2 * (math.pi - theta) + ab2 * theta) * INV_2PI
