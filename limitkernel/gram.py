@@ -7,6 +7,7 @@ output) and one fused numba pass that carries every entry through all layers
 computed and then mirrored.
 """
 
+import functools
 import math
 import numbers
 import os
@@ -430,10 +431,14 @@ class GramPlan:
             return
         self.spatial = None
         self.scale = 1.0 / x1.shape[1]
-        program.diagonals(x1)  # the correlation slope χ, for the degenerate warning
-        self.chi = program.chi
         x2 = x1 if self.symmetric else x2
-        sides = self_diagonals(program, [x1] if self.symmetric else [x1, x2])
+        try:
+            sides = self_diagonals(program, [x1] if self.symmetric else [x1, x2])
+        except (ArithmeticError, ValueError):
+            # The layer-by-layer walk names the cause of an overflow more
+            # precisely (K or Θ, and which layer); it raises first if it sees one.
+            program.diagonals(x1)
+            raise
         self.nngp_diag, self.ntk_diag = sides[0]["nngp"], sides[0]["ntk"]
         x1n = _normalise(x1)
         x2n = x1n if self.symmetric else _normalise(x2)
@@ -451,7 +456,6 @@ class GramPlan:
                             "images or sequences; use a closed-form activation (erf, gelu, "
                             "relu, ...)")
         self.spatial = program
-        self.chi = None
         self.geo, self.imap = program.geo, program.imap
         self.offsets, self.positions = program.offsets, program.positions
         self.collapse = program.collapse
@@ -490,6 +494,16 @@ class GramPlan:
         self.nngp_diag, self.ntk_diag = diags[0]
         self.rows = sides[0]
         self.cols = sides[-1]
+
+    @functools.cached_property
+    def chi(self):
+        """The network's correlation slope at ρ = 1 (:attr:`Program.chi`) over the
+        row inputs, for the degenerate-kernel warning only: computed when that
+        asks for it (a walk of every layer's diagonals; None on positions)."""
+        if self.spatial is not None:
+            return None
+        self.program.diagonals(self.rows.x)
+        return self.program.chi
 
     def gemm(self, rows, cols, r0, r1, c0, c1, out):
         """x_i · x'_j (unscaled) for rows r0:r1 and columns c0:c1 into ``out``
@@ -736,7 +750,7 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     result = {kind: out[kind] for kind in plan.kinds}
     plan.copy_twins(result, 0, 0)
     for kind, value in result.items():
-        _warn_if_degenerate(kind, value, plan.chi)
+        _warn_if_degenerate(kind, value, lambda: plan.chi)
     return result
 
 
@@ -908,7 +922,8 @@ def _advance(bar, rows):
 def _warn_if_degenerate(kind, value, chi=None):
     """Warn when a kernel cannot tell its inputs apart, and say why.
 
-    ``chi`` is the network's correlation slope at ρ = 1 (:attr:`Program.chi`):
+    ``chi`` is the network's correlation slope at ρ = 1 (:attr:`Program.chi`),
+    or a function that returns it (called only if a sample looks degenerate):
     below 1 the layers pull all inputs together (ordered phase, ρ → 1), above 1
     they push every pair to one common correlation (chaotic phase).
     """
@@ -918,9 +933,9 @@ def _warn_if_degenerate(kind, value, chi=None):
     top = np.max(np.abs(sample))
     if top == 0:
         return
-    known = chi is not None and np.isfinite(chi)
     if np.ptp(sample) <= 1e-13 * top:
-        if known and chi < 1:
+        chi = chi() if callable(chi) else chi
+        if chi is not None and np.isfinite(chi) and chi < 1:
             why = ("the ordered phase: every layer pulls the inputs' correlations towards 1 "
                    f"(χ = {_compared(chi, 1.0)} < 1), so all inputs end at the same point; "
                    "lower the depth or b_std, or raise w_std")
@@ -935,11 +950,14 @@ def _warn_if_degenerate(kind, value, chi=None):
         )
         return
     size = min(sample.shape)
-    if not known or chi <= 10 or size < 3:
+    if size < 3:
         return
     square = sample[:size, :size]
     off = square[~np.eye(size, dtype=bool)]
-    if np.ptp(off) <= 1e-13 * top:
+    if np.ptp(off) > 1e-13 * top:
+        return
+    chi = chi() if callable(chi) else chi
+    if chi is not None and np.isfinite(chi) and chi > 10:
         warnings.warn(
             f"the {kind} kernel is degenerate: every pair of distinct inputs has the same "
             f"entry {float(off[0]):.6g} to working precision, so it cannot tell inputs "
