@@ -8,6 +8,8 @@ the in-process workers of ``bench_gram.py``: it loads the inputs from a
 ``BENCH_RESULT {json}`` on stdout with the best time and the peak RSS of
 this process.
 
+With ``--x2``, the cross kernels of x against those inputs.
+
 The network is the one the benchmark measures::
 
     stax.serial(3 * [Dense(w_std=1.5, b_std=0.05), Relu()],
@@ -49,6 +51,8 @@ def _is_oom(exc):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--x", required=True, help=".npy file with the (N, d) inputs")
+    parser.add_argument("--x2", help=".npy file with (M, d) inputs: cross kernels of x "
+                        "against them (default: x against itself)")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--save", help="write the kernels to this .npz file")
@@ -92,10 +96,14 @@ def main(argv=None):
         x = jax.device_put(jnp.asarray(x_host))
         x.block_until_ready()
         del x_host
+        x2 = None
+        if args.x2:
+            x2 = jax.device_put(jnp.asarray(np.load(args.x2).astype(args.dtype)))
+            x2.block_until_ready()
         rss_before = _peak_rss_bytes()
 
         def run():
-            out = kernel_fn(x, None, get=("nngp", "ntk"))
+            out = kernel_fn(x, x2, get=("nngp", "ntk"))
             out.nngp.block_until_ready()
             out.ntk.block_until_ready()
             return out

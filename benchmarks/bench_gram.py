@@ -16,7 +16,9 @@ the peak resident memory of every method is measured separately:
 on the network ``3 * [dense(w_std=1.5, b_std=0.05), relu],
 dense(w_std=1.5, b_std=0.05)`` ("ntk" parameterisation), x against itself,
 x of shape (N, 784) drawn from a standard normal distribution with a fixed
-seed. Each worker warms up (JIT compilation and thread pools) before it is
+seed. With ``--cross M``, x against a second set x2 of M inputs (another draw
+of the same distribution): the cross kernels (N, M), with the floor and the
+GEMM both ``x @ x2.T`` (there is no triangle to save) and no numpy baseline. Each worker warms up (JIT compilation and thread pools) before it is
 timed; the time is the best of ``--repeats`` calls for N <= ``--repeat-max-n``
 and of a single call above. The table shows the time, the absolute peak RSS
 of the worker process (``ru_maxrss``, including the interpreter, the inputs
@@ -88,22 +90,22 @@ def _reference():
 
 
 def _make_method(method, dtype, gram_method="syrk"):
-    """Return (function of x, versions dict) for an in-environment method."""
+    """Return (function of x and x2, versions dict) for an in-environment method;
+    x2 is None for x against itself."""
     versions = {"numpy": np.__version__}
     _numpy_reference = _reference()
-    if method == "floor":
+    if method in ("floor", "gemm"):
 
-        def run(x):
-            return _numpy_reference.gram(x, gram_method)
-
-    elif method == "gemm":
-
-        def run(x):
-            return _numpy_reference.gram(x, "gemm")
+        def run(x, x2):
+            if x2 is not None:
+                return x @ x2.T
+            return _numpy_reference.gram(x, gram_method if method == "floor" else "gemm")
 
     elif method == "numpy":
 
-        def run(x):
+        def run(x, x2):
+            if x2 is not None:
+                raise ValueError("the numpy baseline computes x against itself only")
             return _numpy_reference.nngp_ntk(x, gram_method=gram_method)
 
     elif method == "limitkernel":
@@ -115,33 +117,35 @@ def _make_method(method, dtype, gram_method="syrk"):
         kernel = limitkernel.kernel
         np_dtype = np.dtype(dtype)
 
-        def run(x):
-            return kernel(SPEC_TEXT, x, None, get=("nngp", "ntk"), dtype=np_dtype)
+        def run(x, x2):
+            return kernel(SPEC_TEXT, x, x2, get=("nngp", "ntk"), dtype=np_dtype)
 
     else:
         raise ValueError(f"unknown method {method!r}")
     return run, versions
 
 
-def _float32_error(out, x):
+def _float32_error(out, x, x2=None):
     """Largest error of a float32 result against float64, on its first rows.
 
     The reference is ``limitkernel.kernel`` in float64 on the same inputs (the
-    first ``ERROR_ROWS`` of them against all). Returns, per kernel, the
+    first ``ERROR_ROWS`` of them against all columns). Returns, per kernel, the
     largest ``|a - b| / |b|`` over entries ("entry") and the largest
     ``|a - b| / sqrt(K(x, x) K(x', x'))`` ("diag").
     """
     import limitkernel
 
     x64 = np.asarray(x, dtype=np.float64)
+    cols = x64 if x2 is None else np.asarray(x2, dtype=np.float64)
     rows = min(ERROR_ROWS, len(x64))
-    ref = limitkernel.kernel(SPEC_TEXT, x64[:rows], x64, get=("nngp", "ntk"))
+    ref = limitkernel.kernel(SPEC_TEXT, x64[:rows], cols, get=("nngp", "ntk"))
     diag = limitkernel.kernel_diag(SPEC_TEXT, x64)
+    diag2 = diag if x2 is None else limitkernel.kernel_diag(SPEC_TEXT, cols)
     errors = {}
     for kind in ("nngp", "ntk"):
         a = np.asarray(out[kind][:rows], dtype=np.float64)
         b = ref[kind]
-        scale = np.sqrt(np.outer(diag[kind][:rows], diag[kind]))
+        scale = np.sqrt(np.outer(diag[kind][:rows], diag2[kind]))
         errors[kind] = {"entry": float(np.max(np.abs(a - b) / np.abs(b))),
                         "diag": float(np.max(np.abs(a - b) / scale))}
     return errors
@@ -159,6 +163,7 @@ def worker_main(argv):
     parser.add_argument("--worker", required=True,
                         choices=[m for m in METHODS if m != "nt"])
     parser.add_argument("--x", required=True)
+    parser.add_argument("--x2")
     parser.add_argument("--dtype", required=True, choices=DEFAULT_DTYPES)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--warmup-n", type=int, default=256)
@@ -174,8 +179,10 @@ def worker_main(argv):
 
     try:
         x = np.load(args.x).astype(args.dtype)
+        x2 = None if args.x2 is None else np.load(args.x2).astype(args.dtype)
         t0 = time.perf_counter()
-        run(np.ascontiguousarray(x[: args.warmup_n]))  # compile, start threads
+        warm = np.ascontiguousarray(x[: args.warmup_n])
+        run(warm, None if x2 is None else warm[: max(1, len(warm) // 2)])  # compile, threads
         warmup = time.perf_counter() - t0
         gc.collect()
         setup_rss = _peak_rss_bytes()
@@ -185,13 +192,13 @@ def worker_main(argv):
             out = None
             gc.collect()
             t0 = time.perf_counter()
-            out = run(x)
+            out = run(x, x2)
             times.append(time.perf_counter() - t0)
         if args.save and isinstance(out, dict):
             np.savez(args.save, **{k: np.asarray(v) for k, v in out.items()})
         extra = {}
         if args.worker == "limitkernel" and args.dtype == "float32":
-            extra["f32_error"] = _float32_error(out, x)
+            extra["f32_error"] = _float32_error(out, x, x2)
         _emit(
             {
                 **extra,
@@ -319,9 +326,13 @@ def _label(method, res):
     return LABELS[method] + (" *" if res.get("gram") == "gemm" else "")
 
 
-def _run_cell(method, n, dtype, x_path, args, mem_limit, nt_python, save_dir):
+def _run_cell(method, n, dtype, x_path, args, mem_limit, nt_python, save_dir,
+              x2_path=None):
     """Run (or skip) one method at one (N, dtype); return its result dict."""
     itemsize = np.dtype(dtype).itemsize
+    if method == "numpy" and x2_path is not None:
+        return {"status": "skipped", "error": "the numpy baseline computes x against "
+                "itself only"}
     if method == "numpy":
         need = _reference().estimate_bytes(n, INPUT_DIM, itemsize)
         if args.numpy_max_n and n > args.numpy_max_n:
@@ -347,6 +358,8 @@ def _run_cell(method, n, dtype, x_path, args, mem_limit, nt_python, save_dir):
                "--warmup-n", str(args.warmup_n)]
         env = None
     cmd += ["--x", str(x_path), "--dtype", dtype, "--repeats", str(repeats)]
+    if x2_path is not None:
+        cmd += ["--x2", str(x2_path)]
     if save and method != "floor":
         cmd += ["--save", str(save)]
     res = run_worker(cmd, args.timeout, mem_limit, env=env, verbose=args.verbose)
@@ -411,6 +424,10 @@ def build_parser():
                         "limitkernel workers (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the standard normal inputs (default %(default)s)")
+    parser.add_argument("--cross", type=_positive_int, default=0, metavar="M",
+                        help="time the cross kernels of x (N inputs) against a second "
+                        "set of M inputs (seed + 1) instead of x against itself "
+                        "(default 0: x against itself)")
     parser.add_argument("--nt-python",
                         help="Python with neural-tangents installed (default: "
                         f"$LIMITKERNEL_NT_PYTHON, else {DEFAULT_NT_PYTHON} if it exists)")
@@ -505,8 +522,13 @@ def driver_main(argv):
     nt_python = _nt_python(args.nt_python)
     smallest = min(ns)
 
-    print("bench_gram: NNGP + NTK of x with itself, x ~ standard normal "
-          f"(seed {args.seed}), d = {INPUT_DIM}")
+    if args.cross:
+        print(f"bench_gram: NNGP + NTK of x against x2 (cross kernels, N x {args.cross}), "
+              f"x, x2 ~ standard normal (seeds {args.seed}, {args.seed + 1}), "
+              f"d = {INPUT_DIM}")
+    else:
+        print("bench_gram: NNGP + NTK of x with itself, x ~ standard normal "
+              f"(seed {args.seed}), d = {INPUT_DIM}")
     print(f"  network: {SPEC_TEXT}")
     print(f"  machine: {os.cpu_count()} CPUs, "
           f"{(_total_memory_bytes() or 0) / GB:.1f} GB RAM, {platform.machine()}, "
@@ -523,6 +545,12 @@ def driver_main(argv):
     saved = {}
     print(_format_row(HEADER))
     print(_format_row(["-" * w for w in WIDTHS]), flush=True)
+    x2_path = None
+    if args.cross:
+        LABELS.update(floor="floor (x @ x2.T)", gemm="gemm (x @ x2.T)")
+        x2_path = workdir / "x2.npy"
+        np.save(x2_path, np.random.default_rng(args.seed + 1).standard_normal(
+            (args.cross, INPUT_DIM)))
     try:
         for n in ns:
             x_path = workdir / f"x_{n}.npy"
@@ -532,7 +560,8 @@ def driver_main(argv):
                 group = results.setdefault((n, dtype), {})
                 for method in methods:
                     res = _run_cell(method, n, dtype, x_path, args, mem_limit,
-                                    nt_python, workdir if n == smallest else None)
+                                    nt_python, workdir if n == smallest else None,
+                                    x2_path)
                     if res.pop("saved", None):
                         saved[(method, dtype)] = workdir / f"{method}_{n}_{dtype}.npz"
                     prefix = "nt:" if method == "nt" else ""
@@ -549,9 +578,14 @@ def driver_main(argv):
         for row in _table_rows(results, ns, dtypes, methods):
             print(row)
         print()
-        print("/ floor, / gemm: time over numpy's x @ x.T (syrk) and over "
-              "x @ x.T.copy() (gemm) for the same N and dtype. NT / lk: Neural "
-              "Tangents time over limitkernel time.")
+        if args.cross:
+            print(f"N: rows of the cross kernels (N x {args.cross}). / floor, / gemm: "
+                  "time over numpy's x @ x2.T (both) for the same N and dtype. NT / lk: "
+                  "Neural Tangents time over limitkernel time.")
+        else:
+            print("/ floor, / gemm: time over numpy's x @ x.T (syrk) and over "
+                  "x @ x.T.copy() (gemm) for the same N and dtype. NT / lk: Neural "
+                  "Tangents time over limitkernel time.")
         print(f"f32 err: limitkernel float32 against limitkernel float64 on the "
               f"first {ERROR_ROWS} rows, max |a - b| / sqrt(K(x, x) K(x', x')) over "
               "both kernels (per kernel, and relative to each entry, below).")
@@ -606,9 +640,19 @@ def driver_main(argv):
                 print(f"  {dtype}  {LABELS[method]:<21} vs numpy {ref_dtype}: "
                       + ", ".join(diffs))
                 any_check = True
+        for dtype in dtypes:
+            # Without the numpy baseline (cross kernels), the two against each other.
+            lk_path, nt_path = saved.get(("limitkernel", dtype)), saved.get(("nt", dtype))
+            if saved.get(("numpy", dtype)) or lk_path is None or nt_path is None:
+                continue
+            ours, theirs = np.load(lk_path), np.load(nt_path)
+            diffs = [f"{key} {_max_rel_diff(theirs[key], ours[key]):.2e}"
+                     for key in ("nngp", "ntk")]
+            print(f"  {dtype}  {LABELS['nt']:<21} vs limitkernel: " + ", ".join(diffs))
+            any_check = True
         if not any_check:
             print("  (not available: needs the numpy baseline and limitkernel or "
-                  "Neural Tangents at the smallest N)")
+                  "Neural Tangents at the smallest N, or both of these)")
 
         if versions:
             print()
@@ -619,6 +663,7 @@ def driver_main(argv):
                 "spec": SPEC_TEXT,
                 "input_dim": INPUT_DIM,
                 "seed": args.seed,
+                "cross": args.cross,
                 "inputs": "standard normal",
                 "versions": versions,
                 "results": [
