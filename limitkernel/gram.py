@@ -8,7 +8,6 @@ computed and then mirrored.
 """
 
 import functools
-import math
 import numbers
 import os
 import warnings

@@ -11,7 +11,8 @@ import math
 
 from .._numba import jit
 
-__all__ = ["angle", "arccos_j", "atan2_upper", "sin_minus_theta_cos", "sin_minus_theta_cos_pair"]
+__all__ = ["angle", "arccos_j", "atan2_upper", "sin_minus_theta_cos",
+           "sin_minus_theta_cos_pair"]
 
 INV_PI = 1.0 / math.pi
 INV_2PI = 0.5 / math.pi
@@ -40,7 +41,8 @@ def atan2_upper(y, x):
 
     Branch-free range reduction (octant, then tan(π/8)) and one polynomial, so the
     loops that call it vectorise; accurate to a few ulps, and to full relative
-    precision for small angles.
+    precision for small angles. For y and |x| below 8e307 (y + |x| must not
+    overflow); the kernels pass sin θ and cos θ.
     """
     ax = abs(x)
     num = min(y, ax)
