@@ -19,8 +19,9 @@ x of shape (N, 784) drawn from a standard normal distribution with a fixed
 seed. With ``--cross M``, x against a second set x2 of M inputs (another draw
 of the same distribution): the cross kernels (N, M), with the floor and the
 GEMM both ``x @ x2.T`` (there is no triangle to save) and no numpy baseline.
-Each worker warms up (JIT compilation and thread pools) before it is timed; the time is the best of ``--repeats`` calls for N <= ``--repeat-max-n``
-and of a single call above. The table shows the time, the absolute peak RSS
+Each worker warms up (JIT compilation and thread pools) before it is timed;
+the time is the best of ``--repeats`` calls for N <= ``--repeat-max-n`` and of
+a single call above. The table shows the time, the absolute peak RSS
 of the worker process (``ru_maxrss``, including the interpreter, the inputs
 and the output), the ratios to the floor and to the full GEMM, the ratio
 Neural Tangents / limitkernel and, for limitkernel in float32, its largest
