@@ -27,7 +27,7 @@ from .experiments import (
     ntk_distance_at_init,
 )
 from .finite import FiniteNetwork, TrainingHistory
-from .gram import MemoryBudgetError, kernel, kernel_diag
+from .gram import MemoryBudgetError, PrecisionWarning, kernel, kernel_diag
 from .predict import (
     CrossEntropyFlow,
     GradientFlowEnsemble,
@@ -67,6 +67,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "Numerical",
     "Parallel",
+    "PrecisionWarning",
     "Prediction",
     "Residual",
     "Serial",

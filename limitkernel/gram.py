@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _fused, _fused_spatial, _rows
 from ._program import Program
+from .layers.numerical import _caller_level
 from .spec import SpecError
 
 __all__ = ["KINDS", "GramPlan", "MemoryBudgetError", "kernel", "kernel_diag",
@@ -35,6 +36,10 @@ class MemoryBudgetError(MemoryError):
 
 class DegenerateKernelWarning(RuntimeWarning):
     """All entries of a kernel are equal to working precision."""
+
+
+class PrecisionWarning(RuntimeWarning):
+    """Some entries may err beyond the stated accuracy; the message gives the bound."""
 
 
 # ------------------------------------------------------------ validation
@@ -231,6 +236,7 @@ def _check_range(program, var, ntk, small=None):
     ops = program.ops
     small = var if small is None else small
     _check_finite(program, var, ntk)
+    _check_antiparallel(program, var)
     tiny = (small > 0) & (small < _TINY_VARIANCE)
     lost = np.zeros_like(tiny)
     lost[1:] = (small[1:] == 0) & (small[:-1] > 0)
@@ -249,6 +255,32 @@ def _check_range(program, var, ntk, small=None):
             f"the variances underflow at layer {index} ({ops[index - 1]}): they reach "
             f"{float(small[index][(tiny | lost)[index]].min()):.3g}, where float64 loses "
             "relative precision; raise w_std or b_std, or rescale the inputs")
+
+
+# The accuracy the README states for closed forms: past it, a warning.
+_STATED_ACCURACY = 1e-13
+
+
+def _check_antiparallel(program, var):
+    """Warn where a layer's kernels between nearly antiparallel inputs are less
+    accurate than stated, with the bound
+    (:meth:`~limitkernel.layers.activations.Activation.antiparallel_error`, at the
+    largest variance entering the layer)."""
+    for index, op in enumerate(program.ops):
+        bound = getattr(op.kind, "antiparallel_error", None)
+        if bound is None:
+            continue
+        q = float(np.max(var[index]))
+        k_err, t_err = bound(q)
+        if max(k_err, t_err) <= _STATED_ACCURACY:
+            continue
+        warnings.warn(
+            f"layer {index + 1} ({op}) at variances up to {q:.3g}: between nearly "
+            "antiparallel inputs (x' ≈ −λx as this layer sees them) its kernels depend "
+            "on 1 + ρ below float64's rounding, so such entries may be off by up to "
+            f"{k_err:.1g} (K) and {t_err:.1g} (Θ) relative; other pairs keep full "
+            "accuracy. Lower b or the input scale if your inputs hold such pairs",
+            PrecisionWarning, stacklevel=_caller_level())
 
 
 def _check_finite(program, var, ntk):

@@ -6,11 +6,19 @@ the diagonal; a layer that is invariant to the input scale gives the same
 kernel at every scale).
 """
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 from reference import kernel_mp
 
 import limitkernel as lk
+
+
+# The PrecisionWarning of these steep layers bounds their worst case, between
+# nearly antiparallel inputs; these inputs (checked against mpmath) do not reach it.
+_NOT_ANTIPARALLEL = pytest.mark.filterwarnings("ignore::limitkernel.gram.PrecisionWarning")
 
 
 def _close_to_mp(spec, x, rtol=1e-13):
@@ -61,6 +69,7 @@ def test_identical_inputs_give_exactly_the_diagonal(spec):
         assert lk.kernel_diag(spec, x)[kind][0] == out[kind][0, 0]
 
 
+@_NOT_ANTIPARALLEL
 def test_huge_inputs_of_erf_and_gelu_do_not_overflow():
     """Δ = (1 + 2b²q11)(1 + 2b²q22) − 4b⁴q12² overflowed at inputs of 1e78: K = Θ = 0.
     The kernel of these networks depends on the inputs only through their
@@ -81,12 +90,14 @@ def test_huge_inputs_of_erf_and_gelu_do_not_overflow():
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
+@_NOT_ANTIPARALLEL
 def test_gaussian_on_large_inputs_with_mixed_signs():
     """Entries were off by 6–37 % and the kernel was not positive semi-definite."""
     x = np.random.default_rng(0).standard_normal((4, 1)) * 1e7
     _close_to_mp("dense, gaussian(a=1, b=-1), dense", x)
 
 
+@_NOT_ANTIPARALLEL
 def test_gaussian_at_variances_whose_product_overflows():
     """Found by fuzzing: q11 q22 overflowed above variances of ~1e154 (inf · 0 for an
     input with itself), and a decaying gaussian (b < 0), whose kernel is finite at
@@ -154,6 +165,7 @@ def test_trig_layers_on_small_inputs_keep_their_precision(act, scale):
     _close_to_mp(f"dense, {act}, dense", x)
 
 
+@_NOT_ANTIPARALLEL
 @pytest.mark.parametrize("scale", [1e20, 1e30, 1e43, 1e70])
 def test_gelu_at_large_variances_is_finite_and_right(scale):
     """Found by fuzzing: below the scaled branch (r11 r22 < 1e100) (q11 q22)² R
@@ -171,3 +183,42 @@ def test_a_zero_input_through_a_block_is_not_an_underflow():
             "dense")
     x = np.array([[0.5, -0.2], [0.0, 0.0]])
     _close_to_mp(spec, x)
+
+
+@pytest.mark.parametrize(("act", "scale"), [("erf", 100.0), ("erf", 1e4),
+                                            ("gaussian(b=-1)", 100.0), ("gaussian(b=-1)", 1e4),
+                                            ("gelu", 1e4), ("gelu", 1e6)])
+def test_steep_layers_warn_with_a_bound_that_holds_between_antiparallel_inputs(act, scale):
+    """1 + ρ is known to ε only; erf, gaussian and GELU scale 1 − ρ² by the variance.
+
+    The warning's bound is checked against the mpmath recursion on inputs that
+    are antiparallel (exactly and to 1e-9) at this layer."""
+    spec = f"dense, {act}, dense"
+    x = np.random.default_rng(0).standard_normal((1, 5)) * scale
+    x = np.vstack([x, -x, -0.884 * x * (1 + 1e-9), 0.3 * x[0, ::-1]])
+    with pytest.warns(lk.PrecisionWarning, match=r"layer 2 .*antiparallel") as record:
+        got = lk.kernel(spec, x)
+    bounds = [float(v) for v in
+              re.findall(r"([0-9.e+-]+) \((?:K|Θ)\)", str(record[0].message))]
+    k_bound, t_bound = bounds
+    for j in range(1, len(x)):
+        (k11, k12, k22), (t11, t12, t22) = kernel_mp(spec, x[0], x[j], dps=60)
+        assert abs(got["nngp"][0, j] - k12) <= (k_bound + 1e-13) * np.sqrt(k11 * k22), j
+        assert abs(got["ntk"][0, j] - t12) <= (t_bound + 1e-13) * np.sqrt(t11 * t22), j
+
+
+def test_ordinary_erf_does_not_warn():
+    x = np.random.default_rng(1).standard_normal((30, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lk.PrecisionWarning)
+        lk.kernel("dense(w_std=1.5), erf, dense, gelu, dense, gaussian(b=-1), dense", x)
+
+
+def test_an_erf_too_steep_for_float64_says_so():
+    """Found by fuzzing: inputs of scale 1e64 made erf's Θ factor depend on 1 + ρ at
+    1e-128; the NTK came out 6% away from positive semi-definite, silently."""
+    x = np.array([[1.0078846473146884e+64, -9.541417790467454e+63],
+                  [-8.909700282261845e+63, 8.43461332677323e+63],
+                  [-1.0078846473146884e+64, 9.541417790467454e+63]])
+    with pytest.warns(lk.PrecisionWarning, match=r"layer 2 \(erf.*and \d+e\+\d+ \(Θ\)"):
+        lk.kernel("dense, erf(a=0.258, b=-2.19), dense", x)

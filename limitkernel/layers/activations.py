@@ -73,6 +73,8 @@ __all__ = [
     "trig_row",
 ]
 
+_EPS = float(np.finfo(np.float64).eps)
+
 OP_ABRELU = 1
 OP_STEP = 2
 OP_SIGN = 3
@@ -104,6 +106,17 @@ class Activation(Layer, OpKind):
     def kernel_params(self):
         """The parameters of the row kernel, by the names of ``row_params``."""
         return {}
+
+    def antiparallel_error(self, q):
+        """Bounds (on K, on Θ) of the relative error this layer leaves between
+        nearly antiparallel inputs of variance up to ``q``, beyond rounding.
+
+        1 − ρ is carried to full relative precision near ρ = 1 but to an absolute
+        ε near ρ = −1, so 1 + ρ there errs by about ε (float64's 2.2e-16).
+        Layers whose kernels take 1 − ρ² scaled by a large multiple s of the
+        variances (erf, gaussian, GELU) turn that into errors that grow with s.
+        """
+        return 0.0, 0.0
 
     # ------------------------------------------------------------ lowering
 
@@ -452,6 +465,13 @@ class Erf(Activation):
     def kernel_params(self):
         return dict(zip(self.row_params, self._abc()))
 
+    def antiparallel_error(self, q):
+        # Δ = 1 + s (q11 + q22)/q + s² (1 − ρ²)/4 … with s = 2b² q: Θ's factor
+        # 1/√Δ moves by about ε s/2 relative, K's arcsine by about ε √s (measured
+        # against mpmath: 3e-12 and 1e-12 at s = 2e4 and 2e8, 7e-5 at s = 2e12).
+        s = 2.0 * self._abc()[1] ** 2 * float(q)
+        return 2.0 * _EPS * math.sqrt(s), 2.0 * _EPS * s
+
 
 @register
 class SigmoidLike(Erf):
@@ -711,6 +731,12 @@ class Gaussian(Activation):
     def kernel_params(self):
         return {"a": self.a, "b": self.b}
 
+    def antiparallel_error(self, q):
+        # Δ = 1 − 2b (q11 + q22) + 4b² q11 q22 (1 − ρ²), s = 2|b| q: K and Θ both
+        # move by about ε s relative (measured 3e-8 and 8e-8 at s = 2e8).
+        s = 2.0 * abs(self.b) * float(q) if self.b < 0 else 0.0
+        return 2.0 * _EPS * s, 4.0 * _EPS * s
+
 
 @jit
 def gaussian_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
@@ -796,6 +822,11 @@ class Gelu(Activation):
 
     def kernel_params(self):
         return {}
+
+    def antiparallel_error(self, q):
+        # 1 + q11 + q22 + q11 q22 (1 − ρ²) enters Θ's factor under a root and an
+        # arcsine: about ε √q relative (measured 6e-13 at q = 1e8, 4e-11 at 1e12).
+        return 0.0, 2.0 * _EPS * math.sqrt(float(q))
 
 
 
