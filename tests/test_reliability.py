@@ -15,7 +15,6 @@ from reference import kernel_mp
 
 import limitkernel as lk
 
-
 # The PrecisionWarning of these steep layers bounds their worst case, between
 # nearly antiparallel inputs; these inputs (checked against mpmath) do not reach it.
 _NOT_ANTIPARALLEL = pytest.mark.filterwarnings("ignore::limitkernel.gram.PrecisionWarning")
