@@ -184,7 +184,7 @@ def _after_dense(draw, hermite=False, level=0, names=tuple(sorted(CLOSED))):
                   if draw(st.booleans()) else None)
         return [_call("concat", widths=widths) + "[" + "; ".join(branches) + "]"]
     else:
-        return [draw(_act(True, names))]
+        return [draw(_act(hermite, names))]
     if draw(st.booleans()):
         out.append(draw(act))  # the sum of Gaussian branches is Gaussian
     return out
@@ -829,8 +829,8 @@ def test_small_cases_match_mpmath(case):
                 worst[kind] = max(worst[kind], float(err / scale) if scale > 0 else 0.0)
                 assert err <= (RTOL + extra) * scale, (
                     f"{kind}[{a},{b}] = {got!r}, mpmath {ref!r}: off by "
-                    f"{err / scale if scale else err:.3g} of the scale (allowed "
-                    f"{RTOL + extra:.3g}): {case!r}")
+                    f"{float(err / scale if scale else err):.3g} of the scale (allowed "
+                    f"{float(RTOL + extra):.3g}): {case!r}")
     for kind, value in worst.items():
         target(value, label=f"mpmath {kind}")
 
