@@ -52,7 +52,7 @@ import limitkernel as lk
 from limitkernel.spec import SpecError
 
 CAMPAIGN = int(os.environ.get("LIMITKERNEL_FUZZ_EXAMPLES", "0"))
-EPS = np.finfo(float).eps
+EPS = float(np.finfo(float).eps)
 RTOL = 1e-13      # the README's accuracy against mpmath
 ULPS = 16 * EPS   # "a few ulps" between two evaluations of one entry
 # The absolute error of a 1 − ρ taken from a rounded covariance: "a few ulps"
@@ -481,7 +481,7 @@ def _angle_weight(layer):
 def _theta_error(c, dc=DC):
     """|δθ| for c = 1 − ρ (or 1 + ρ) known to an absolute dc: dc/√(c(2 − c)), at
     most √(2 dc) (c below dc)."""
-    c = float(c)
+    c, dc = float(c), float(dc)  # Python floats: an overflow is inf, not a warning
     return min(dc / math.sqrt(max(c * (2.0 - c), 1e-300)), math.sqrt(2.0 * dc))
 
 
@@ -516,8 +516,8 @@ def _allowance(case, trace, side):
         if case.spatial and layer.name in ("avg_pool", "global_avg_pool"):
             # The errors of the entries pooled, and its own rounding, are relative
             # to the largest covariance pooled, not to the pooled scale.
-            ratio_k = _pooling_ratio(before[0], after[0], side)
-            ratio_t = _pooling_ratio(before[1], after[1], side)
+            ratio_k = float(_pooling_ratio(before[0], after[0], side))
+            ratio_t = float(_pooling_ratio(before[1], after[1], side))
             k_extra = k_extra * max(ratio_k, 1.0) + 16 * EPS * ratio_k
             t_extra = t_extra * max(ratio_t, 1.0) + 16 * EPS * ratio_t
             # A later 1 ± ρ, taken from the pooled covariance, has its error.
