@@ -117,9 +117,11 @@ def sin_minus_theta_cos_pair(theta, sin_t, cos_t):
     far = theta > 0.5 * math.pi
     phi = math.pi - theta if far else theta
     c = -cos_t if far else cos_t
-    series = phi < _S_SERIES_BELOW
-    near_s = _s_series(phi) if series else sin_t - phi * c
-    far_s = near_s + math.pi * c if series else sin_t + (math.pi - phi) * c
+    near_s = sin_minus_theta_cos(phi, sin_t, c)
+    if phi < _S_SERIES_BELOW:
+        far_s = near_s + math.pi * c
+    else:
+        far_s = sin_t + (math.pi - phi) * c
     if far:
         return far_s, near_s
     return near_s, far_s
