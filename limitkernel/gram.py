@@ -968,8 +968,8 @@ def _warn_if_degenerate(kind, value, chi=None):
     if top == 0:
         return
     if np.ptp(sample) <= 1e-13 * top:
-        chi = chi() if callable(chi) else chi
-        if chi is not None and np.isfinite(chi) and chi < 1:
+        chi = _known(chi)
+        if chi is not None and chi < 1:
             why = ("the ordered phase: every layer pulls the inputs' correlations towards 1 "
                    f"(χ = {_compared(chi, 1.0)} < 1), so all inputs end at the same point; "
                    "lower the depth or b_std, or raise w_std")
@@ -990,8 +990,8 @@ def _warn_if_degenerate(kind, value, chi=None):
     off = square[~np.eye(size, dtype=bool)]
     if np.ptp(off) > 1e-13 * top:
         return
-    chi = chi() if callable(chi) else chi
-    if chi is not None and np.isfinite(chi) and chi > 10:
+    chi = _known(chi)
+    if chi is not None and chi > 10:
         warnings.warn(
             f"the {kind} kernel is degenerate: every pair of distinct inputs has the same "
             f"entry {float(off[0]):.6g} to working precision, so it cannot tell inputs "
@@ -1000,6 +1000,12 @@ def _warn_if_degenerate(kind, value, chi=None):
             "correlation; lower the depth or w_std, or raise b_std)",
             DegenerateKernelWarning, stacklevel=3,
         )
+
+
+def _known(chi):
+    """χ (calling it if it is a function), or None where it is not known."""
+    chi = chi() if callable(chi) else chi
+    return chi if chi is not None and np.isfinite(chi) else None
 
 
 def _compared(value, bound):
