@@ -516,8 +516,8 @@ def _allowance(case, trace, side):
         if case.spatial and layer.name in ("avg_pool", "global_avg_pool"):
             # The errors of the entries pooled, and its own rounding, are relative
             # to the largest covariance pooled, not to the pooled scale.
-            ratio_k = float(_pooling_ratio(before[0], after[0], side))
-            ratio_t = float(_pooling_ratio(before[1], after[1], side))
+            ratio_k = _pooling_ratio(before[0], after[0], side)
+            ratio_t = _pooling_ratio(before[1], after[1], side)
             k_extra = k_extra * max(ratio_k, 1.0) + 16 * EPS * ratio_k
             t_extra = t_extra * max(ratio_t, 1.0) + 16 * EPS * ratio_t
             # A later 1 ± ρ, taken from the pooled covariance, has its error.
@@ -541,15 +541,22 @@ _ANTIPARALLEL_DECAY = {"erf": (0.5, 1.0), "sigmoid_like": (0.5, 1.0),
                        "gaussian": (1.0, 1.0), "gelu": (0.5, 0.5)}
 
 
-def _disclaimed(case):
-    """True when a steep layer's stated error between nearly antiparallel inputs
-    (its ``PrecisionWarning``) exceeds 1e-2 at the largest variance of the case:
-    such entries are then documented as meaningless (README)."""
+def _steep_bounds(case):
+    """The stated (K, Θ) errors between nearly antiparallel inputs of every steep
+    layer of the case, each at the largest variance of the case (any variance
+    entering any layer is at most that)."""
     steep = [layer for layer in _layers(case.spec) if layer.name in _ANTIPARALLEL_DECAY]
     if not steep:
-        return False
+        return []
     largest = float(_variance_extremes(case)[0])
-    return any(max(layer.antiparallel_error(largest)) > 1e-2 for layer in steep)
+    return [layer.antiparallel_error(largest) for layer in steep]
+
+
+def _disclaimed(case):
+    """True when a steep layer's stated error between nearly antiparallel inputs
+    (its ``PrecisionWarning``) exceeds 1e-2: such entries are then documented as
+    meaningless (README)."""
+    return any(max(bound) > 1e-2 for bound in _steep_bounds(case))
 
 
 def _antiparallel_extra(layer, before):
@@ -573,16 +580,11 @@ def _series_allowance(case):
     1.5e-8", at every ReLU-family, step or sign layer; θ near 0 at those after a
     layer that takes 1 − ρ from the covariance)."""
     worst = math.sqrt(2.0 * DC)
-    k_extra = t_extra = 0.0
+    steep = _steep_bounds(case)
+    k_extra = sum(k for k, _ in steep)
+    t_extra = sum(t for _, t in steep)
     lossy = False
-    largest = None
     for layer in _layers(case.spec):
-        if layer.name in _ANTIPARALLEL_DECAY:
-            if largest is None:  # any variance entering any layer is at most this
-                largest = float(_variance_extremes(case)[0])
-            ke, te = layer.antiparallel_error(largest)
-            k_extra += ke
-            t_extra += te
         wk, wt = _angle_weight(layer)
         error = worst + (worst if lossy else 0.0)  # θ ≈ π, and θ ≈ 0 after a loss
         k_extra += wk * error
