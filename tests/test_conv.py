@@ -18,28 +18,28 @@ RTOL = 1e-13
 
 CASES = [
     # same positions (flatten)
-    ("conv(w_std=1.5, b_std=0.1), relu, conv(w_std=1.3, b_std=0.2), relu, flatten, "
-     "dense(w_std=1.2, b_std=0.1)", (4, 4, 2)),
-    ("conv(padding=valid, w_std=1.5, b_std=0.1), erf, conv(stride=2, w_std=1.3), relu, "
-     "flatten, dense", (5, 5, 2)),
-    ("conv(padding=circular, b_std=0.3), relu, conv(padding=circular, stride=2), relu, "
-     "flatten, dense", (4, 5, 1)),
+    (("conv(w_std=1.5, b_std=0.1), relu, conv(w_std=1.3, b_std=0.2), relu, flatten, "
+     "dense(w_std=1.2, b_std=0.1)"), (4, 4, 2)),
+    (("conv(padding=valid, w_std=1.5, b_std=0.1), erf, conv(stride=2, w_std=1.3), relu, "
+     "flatten, dense"), (5, 5, 2)),
+    (("conv(padding=circular, b_std=0.3), relu, conv(padding=circular, stride=2), relu, "
+     "flatten, dense"), (4, 5, 1)),
     ("conv(k=3:2, b_std=0.2), relu, flatten, dense", (4, 5, 1)),
     ("conv(k=3, stride=2, b_std=0.2), relu, conv(k=2, padding=valid), relu, flatten, dense",
      (9, 2)),
     ("conv, relu, dense(b_std=0.3), relu, flatten, dense", (3, 4, 2)),
-    ("conv(b_std=0.1), parallel[relu, conv; erf, conv(padding=circular)], relu, flatten, "
-     "dense", (3, 3, 2)),
+    (("conv(b_std=0.1), parallel[relu, conv; erf, conv(padding=circular)], relu, flatten, "
+     "dense"), (3, 3, 2)),
     # pairs of positions (pooling)
-    ("conv(padding=circular, w_std=1.5, b_std=0.1), relu, avg_pool, conv, relu, "
-     "global_avg_pool, dense", (4, 4, 1)),
+    (("conv(padding=circular, w_std=1.5, b_std=0.1), relu, avg_pool, conv, relu, "
+     "global_avg_pool, dense"), (4, 4, 1)),
     ("conv(k=3, b_std=0.2), relu, conv(k=5, padding=valid), gelu, global_avg_pool, dense",
      (8, 2)),
     ("conv(b_std=0.1), residual[relu, conv, relu, conv], relu, global_avg_pool, dense",
      (3, 3, 2)),
     ("conv, layernorm, relu, conv, global_avg_pool, dense", (3, 3, 2)),
-    ("conv(stride=2), relu, avg_pool(k=3, stride=1, padding=same), conv, global_avg_pool, "
-     "dense", (5, 5, 1)),
+    (("conv(stride=2), relu, avg_pool(k=3, stride=1, padding=same), conv, global_avg_pool, "
+     "dense"), (5, 5, 1)),
     ("conv(b_std=0.2), relu, avg_pool(k=2:1), conv(k=1), relu, flatten, dense", (4, 3, 2)),
     ("conv(b_std=0.1), relu, global_avg_pool, dense(b_std=0.1), relu, dense", (3, 3, 2)),
 ]

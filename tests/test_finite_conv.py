@@ -23,20 +23,20 @@ from limitkernel.layers import _positions
 # parameterisations.
 SPECS = {
     "same-valid-pool-circular": (
-        "conv(k=3, w_std=1.3, b_std=0.2), relu, conv(k=2, stride=2, padding=valid), erf, "
+        ("conv(k=3, w_std=1.3, b_std=0.2), relu, conv(k=2, stride=2, padding=valid), erf, "
         "avg_pool(k=2, padding=same), conv(k=3, padding=circular, b_std=0.3), layernorm, "
-        "global_avg_pool, dense(b_std=0.1)", (5, 5, 2)),
+        "global_avg_pool, dense(b_std=0.1)"), (5, 5, 2)),
     "strided-rect-flatten": (
-        "conv(k=3:2, stride=2:1, w_std=1.2, b_std=0.1), gelu, avg_pool(k=2, stride=1), "
-        "flatten, dense(b_std=0.2)", (5, 4, 2)),
+        ("conv(k=3:2, stride=2:1, w_std=1.2, b_std=0.1), gelu, avg_pool(k=2, stride=1), "
+        "flatten, dense(b_std=0.2)"), (5, 4, 2)),
     "sequence-standard-residual": (
-        "conv(k=3, w_std=1.3, b_std=0.2, parameterization=standard), relu, "
+        ("conv(k=3, w_std=1.3, b_std=0.2, parameterization=standard), relu, "
         "residual[conv(k=3, parameterization=standard, b_std=0.2)], "
         "dense(parameterization=standard, b_std=0.3), relu, flatten, "
-        "dense(parameterization=standard, b_std=0.1)", (4, 3)),
+        "dense(parameterization=standard, b_std=0.1)"), (4, 3)),
     "sequence-circular-strided": (
-        "conv(k=2, stride=2, padding=circular, w_std=1.1), tanh, conv(k=3, b_std=0.4), "
-        "relu, global_avg_pool, dense(w_std=1.2), erf, dense", (5, 2)),
+        ("conv(k=2, stride=2, padding=circular, w_std=1.1), tanh, conv(k=3, b_std=0.4), "
+        "relu, global_avg_pool, dense(w_std=1.2), erf, dense"), (5, 2)),
 }
 
 
@@ -185,10 +185,10 @@ def _draws(spec, x, width, seeds, base):
 @pytest.mark.parametrize("spec, shape", [
     ("conv(k=3, w_std=1.4, b_std=0.3), relu, flatten, dense(w_std=1.1, b_std=0.2)",
      (4, 4, 2)),
-    ("conv(k=2, stride=2, padding=valid, w_std=1.3, b_std=0.1), erf, "
-     "avg_pool(k=2, stride=1), global_avg_pool, dense(b_std=0.3)", (5, 5, 2)),
-    ("conv(k=3, padding=circular, w_std=1.2, b_std=0.2, parameterization=standard), "
-     "relu, global_avg_pool, dense(parameterization=standard, b_std=0.1)", (6, 2)),
+    (("conv(k=2, stride=2, padding=valid, w_std=1.3, b_std=0.1), erf, "
+     "avg_pool(k=2, stride=1), global_avg_pool, dense(b_std=0.3)"), (5, 5, 2)),
+    (("conv(k=3, padding=circular, w_std=1.2, b_std=0.2, parameterization=standard), "
+     "relu, global_avg_pool, dense(parameterization=standard, b_std=0.1)"), (6, 2)),
 ])
 def test_one_hidden_layer_kernels_are_unbiased(spec, shape):
     # One hidden conv layer: both empirical kernels are averages over its
@@ -205,10 +205,10 @@ def test_one_hidden_layer_kernels_are_unbiased(spec, shape):
 
 
 @pytest.mark.parametrize("spec, shape", [
-    ("conv(k=3, w_std=1.4, b_std=0.2), relu, conv(k=2, stride=2, w_std=1.3), relu, "
-     "global_avg_pool, dense(w_std=1.2, b_std=0.1)", (4, 4, 1)),
-    ("conv(k=3, padding=circular, w_std=1.3, b_std=0.2), "
-     "residual[erf, conv(k=3, b_std=0.1)], layernorm, relu, flatten, dense(b_std=0.2)",
+    (("conv(k=3, w_std=1.4, b_std=0.2), relu, conv(k=2, stride=2, w_std=1.3), relu, "
+     "global_avg_pool, dense(w_std=1.2, b_std=0.1)"), (4, 4, 1)),
+    (("conv(k=3, padding=circular, w_std=1.3, b_std=0.2), "
+     "residual[erf, conv(k=3, b_std=0.1)], layernorm, relu, flatten, dense(b_std=0.2)"),
      (5, 2)),
 ])
 def test_deep_kernels_converge_after_removing_the_1_over_width_bias(spec, shape):

@@ -188,16 +188,16 @@ def test_default_torch_model_approaches_its_spec():
 # ------------------------------------------------------------ convolutional models
 
 CONV_ROUND_TRIP = [
-    ("conv(k=3, w_std=1.3, b_std=0.2), relu, conv(k=2, padding=valid, stride=2), tanh, "
-     "avg_pool(k=2), conv(k=3:2, padding=circular), global_avg_pool, dense", (8, 8, 2)),
+    (("conv(k=3, w_std=1.3, b_std=0.2), relu, conv(k=2, padding=valid, stride=2), tanh, "
+     "avg_pool(k=2), conv(k=3:2, padding=circular), global_avg_pool, dense"), (8, 8, 2)),
     ("conv(k=3, stride=2), relu, residual[conv, relu, conv], flatten, dense", (7, 6, 1)),
-    ("conv(parameterization=standard, width=16), relu, "
+    (("conv(parameterization=standard, width=16), relu, "
      "conv(k=4, padding=circular, parameterization=standard, width=16), relu, "
-     "avg_pool(k=3, stride=1, padding=same), flatten, dense(parameterization=standard)",
+     "avg_pool(k=3, stride=1, padding=same), flatten, dense(parameterization=standard)"),
      (10, 3)),
-    ("conv(k=2, padding=valid, stride=2, parameterization=standard, width=8), gelu, "
+    (("conv(k=2, padding=valid, stride=2, parameterization=standard, width=8), gelu, "
      "global_avg_pool, dense(parameterization=standard, width=8), relu, "
-     "dense(parameterization=standard)", (9, 9, 2)),
+     "dense(parameterization=standard)"), (9, 9, 2)),
 ]
 
 
@@ -268,12 +268,12 @@ def _copy_into_finite(model, net):
 
 
 @pytest.mark.parametrize("text, shape", [
-    ("conv(k=3, stride=2, w_std=1.3, b_std=0.2), relu, conv(k=2:3, padding=circular), "
+    (("conv(k=3, stride=2, w_std=1.3, b_std=0.2), relu, conv(k=2:3, padding=circular), "
      "tanh, avg_pool(k=3, stride=1, padding=same), conv(k=2, padding=valid, b_std=0.3), "
-     "global_avg_pool, dense(b_std=0.1)", (7, 6, 2)),
-    ("conv(k=4, padding=circular, parameterization=standard, b_std=0.2), relu, "
+     "global_avg_pool, dense(b_std=0.1)"), (7, 6, 2)),
+    (("conv(k=4, padding=circular, parameterization=standard, b_std=0.2), relu, "
      "conv(k=3, stride=2, padding=valid, parameterization=standard), relu, "
-     "global_avg_pool, dense(parameterization=standard, b_std=0.1)", (9, 3)),
+     "global_avg_pool, dense(parameterization=standard, b_std=0.1)"), (9, 3)),
 ])
 def test_torch_cnn_equals_the_finite_network_of_its_spec(text, shape):
     # The same weights in both: outputs, and the finite network's exact NTK
