@@ -737,8 +737,11 @@ class GradientFlowEnsemble:
         y = self.y_train.reshape(self.n_train, -1)
         s = times * self.time_scale()
         # φ(λ, s) = (1 − e^{−λs}) / λ, so that A_s = V diag(φ) Vᵀ; exact at s = 0 and ∞.
-        phi = -np.expm1(-np.outer(s, evals)) / evals
-        phi2 = -np.expm1(-np.outer(2 * s, evals)) / evals
+        # A product λs beyond float64 (times like 1e308) is ∞, whose e^{−∞} = 0 is
+        # the t → ∞ limit it stands for: no overflow to report.
+        with np.errstate(over="ignore"):
+            phi = -np.expm1(-np.outer(s, evals)) / evals
+            phi2 = -np.expm1(-np.outer(2 * s, evals)) / evals
         vty = evecs.T @ y
         mean = np.stack([cross[kind].T @ (evecs @ (p[:, None] * vty)) for p in phi])
         if cov is None:

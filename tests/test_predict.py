@@ -223,6 +223,20 @@ def test_eigendecomposition_at_infinity_agrees_with_cholesky(kind):
         assert_allclose(eigh.cov[k], chol.cov, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["ntk", "nngp"])
+def test_times_whose_products_overflow_are_the_infinite_time_limit(kind):
+    """Found by fuzzing the command line: --time 1e308 overflowed λ·2t to inf with a
+    RuntimeWarning (an "internal error" under warnings as errors); e^{−∞} = 0 is the
+    t → ∞ limit, which the Cholesky solve at t = ∞ gives independently."""
+    x, y, xs = data(n=60, m=10, c=3, seed=2)
+    chol = lk.predict_ensemble(RELU2, x, y, xs, t=np.inf, get=kind, diag_reg=1e-6,
+                               cov="full")[kind]
+    huge = lk.predict_ensemble(RELU2, x, y, xs, t=[1e308], get=kind, diag_reg=1e-6,
+                               cov="full")[kind]
+    assert_allclose(huge.mean[0], chol.mean, rtol=1e-8, atol=1e-10)
+    assert_allclose(huge.cov[0], chol.cov, rtol=1e-8, atol=1e-10)
+
+
 def test_multiple_outputs_share_one_time_scale_n_times_c():
     # Loss ½·mean over N·c targets: with c outputs, each column at time t equals a
     # single-output fit of that column at time t / c.
