@@ -100,7 +100,11 @@ class Builder:
     Attributes
     ----------
     fan_in : float or None
-        Input width of the next dense layer (d for the first).
+        Input width of the next dense or conv layer: d (or the input channels)
+        for the first, then the ``width`` of the last dense or conv layer; None
+        once such a layer leaves its width unsaid (the infinite width of the
+        limit), so that a "standard" layer after it is refused, not given a
+        stale width (see :meth:`require_fan_in`).
     gaussian : True or str
         True when the current layer is a mean-zero Gaussian in the limit;
         otherwise why not (see :func:`why_not_gaussian`).
@@ -134,6 +138,7 @@ class Builder:
         # Sequences are (1, L) shapes, but a (1, W) shape may also be an image.
         self.sequence = len(input_shape) == 2
         self.fan_in = float(input_shape[-1])
+        self.unsized = None  # where the layer that left fan_in unsaid is
         self.gaussian = True
         self.independent = False
         self.depth = 0
@@ -153,6 +158,18 @@ class Builder:
         """Register the index maps of a spatial op; returns their index."""
         self.geometries.append(geometry)
         return len(self.geometries) - 1
+
+    def set_width(self, width, where):
+        """The output width of a dense or conv layer at ``where`` (None: unsaid)."""
+        self.fan_in, self.unsized = width, (where if width is None else None)
+
+    def require_fan_in(self, where):
+        """The fan-in a "standard" layer's NTK needs; refuse one left unsaid."""
+        if self.fan_in is None:
+            raise SpecError(f"{where}: the standard parameterisation's NTK grows with "
+                            f"the layer's input width, but {self.unsized} leaves its "
+                            "width unsaid; give it width=...")
+        return self.fan_in
 
     def require_gaussian(self, where, what):
         """Refuse a layer that needs a mean-zero Gaussian input where there is none."""

@@ -21,7 +21,27 @@ import numpy as np
 
 import limitkernel as lk
 
-__all__ = ["kernel_mp", "pair_state"]
+__all__ = ["UnsaidWidth", "kernel_mp", "pair_state"]
+
+
+class UnsaidWidth(ValueError):
+    """A "standard" layer's fan-in is a width the spec leaves out, or branches
+    summed end with different widths: the kernel is not defined by the spec."""
+
+
+def _fan_in(fan_in):
+    """The fan-in a "standard" layer's NTK multiplies by (n, the input width)."""
+    if fan_in is None:
+        raise UnsaidWidth("a standard layer follows a layer of unsaid width")
+    return mpmath.mpf(fan_in)
+
+
+def _sum_width(widths):
+    """The width of a sum of branches: the one those that state it agree on."""
+    known = {w for w in widths if w is not None}
+    if len(known) > 1:
+        raise UnsaidWidth(f"branches summed end with widths {sorted(known)}")
+    return known.pop() if known else None
 
 
 def pair_state(x1, x2):
@@ -60,10 +80,10 @@ def _run(layers, state, fan_in, trace=None):
             if layer.parameterization == "ntk":
                 k, b = w2, b2
             else:
-                k, b = mpmath.mpf(fan_in), mpmath.mpf(1)
+                k, b = _fan_in(fan_in), mpmath.mpf(1)
             t11, t22, t12 = k * q11 + b + w2 * t11, k * q22 + b + w2 * t22, k * q12 + b + w2 * t12
             q11, q22, q12 = w2 * q11 + b2, w2 * q22 + b2, w2 * q12 + b2
-            fan_in = layer.width if layer.width is not None else fan_in
+            fan_in = layer.width
         elif isinstance(layer, lk.LayerNorm):
             eps = mpmath.mpf(layer.eps)
             n1, n2 = q11 + eps, q22 + eps
@@ -76,7 +96,8 @@ def _run(layers, state, fan_in, trace=None):
         elif isinstance(layer, lk.Residual):
             a2, b2 = mpmath.mpf(layer.alpha) ** 2, mpmath.mpf(layer.beta) ** 2
             start = (q11, q22, q12, t11, t22, t12)
-            out, _ = _run(layer.branches[0].layers, start, fan_in, trace)
+            out, branch_width = _run(layer.branches[0].layers, start, fan_in, trace)
+            fan_in = _sum_width([fan_in, branch_width])
             q11, q22, q12, t11, t22, t12 = (a2 * u + b2 * v for u, v in zip(start, out))
         elif isinstance(layer, (lk.Parallel, lk.Concat)):
             start = (q11, q22, q12, t11, t22, t12)
@@ -88,8 +109,11 @@ def _run(layers, state, fan_in, trace=None):
             outs = [_run(b.layers, start, fan_in, trace) for b in layer.branches]
             q11, q22, q12, t11, t22, t12 = (
                 mpmath.fsum(w * out[0][i] for w, out in zip(weights, outs)) for i in range(6))
-            fan_in = (sum(out[1] for out in outs) if isinstance(layer, lk.Concat)
-                      else outs[0][1])
+            widths = [out[1] for out in outs]
+            if isinstance(layer, lk.Concat):
+                fan_in = None if None in widths else sum(widths)
+            else:
+                fan_in = _sum_width(widths)
         else:
             (k12, k11, k22), (d12, d11, d22) = _activation(layer, q11, q22, q12)
             q11, q22, q12 = k11, k22, k12
@@ -418,11 +442,11 @@ def _spatial_step(layer, state):
             if layer.parameterization == "ntk":
                 kk, bb = w2, b2
             else:
-                kk, bb = mpmath.mpf(size[0] * size[1] * state["fan_in"]), mpmath.mpf(1)
+                kk, bb = size[0] * size[1] * _fan_in(state["fan_in"]), mpmath.mpf(1)
             t = [[kk * mk[u][v] + bb + w2 * mt[u][v] for v in range(2 * m)]
                  for u in range(2 * m)]
             k = [[w2 * mk[u][v] + b2 for v in range(2 * m)] for u in range(2 * m)]
-            fan_in = layer.width if layer.width is not None else state["fan_in"]
+            fan_in = layer.width
         else:
             k, t, fan_in = mk, mt, state["fan_in"]
         return {"k": k, "t": t, "shape": out_shape, "fan_in": fan_in, "vector": False,
@@ -438,17 +462,18 @@ def _spatial_step(layer, state):
                     cells = [(a * per + p, b * per + p) for p in range(per)]
                 out_k[a][b] = mpmath.fsum(k[u][v] for u, v in cells) / len(cells)
                 out_t[a][b] = mpmath.fsum(t[u][v] for u, v in cells) / len(cells)
-        fan_in = state["fan_in"] * (per if isinstance(layer, lk.Flatten) else 1)
+        fan_in = state["fan_in"]
+        if fan_in is not None and isinstance(layer, lk.Flatten):
+            fan_in *= per
         return {"k": out_k, "t": out_t, "shape": (1, 1), "fan_in": fan_in, "vector": True,
                 "sequence": state["sequence"]}
     if isinstance(layer, lk.Dense):
         w2, b2 = mpmath.mpf(layer.w_std) ** 2, mpmath.mpf(layer.b_std) ** 2
         kk, bb = (w2, b2) if layer.parameterization == "ntk" else \
-            (mpmath.mpf(state["fan_in"]), mpmath.mpf(1))
+            (_fan_in(state["fan_in"]), mpmath.mpf(1))
         t = [[kk * k[u][v] + bb + w2 * t[u][v] for v in range(n)] for u in range(n)]
         k = [[w2 * k[u][v] + b2 for v in range(n)] for u in range(n)]
-        fan_in = layer.width if layer.width is not None else state["fan_in"]
-        return {**state, "k": k, "t": t, "fan_in": fan_in}
+        return {**state, "k": k, "t": t, "fan_in": layer.width}
     if isinstance(layer, lk.LayerNorm):
         eps = mpmath.mpf(layer.eps)
         d = [k[u][u] + eps for u in range(n)]
@@ -474,7 +499,8 @@ def _spatial_step(layer, state):
              for u in range(size)]
         t = [[mpmath.fsum(wt * p["t"][u][v] for wt, p in parts) for v in range(size)]
              for u in range(size)]
-        return {**parts[-1][1], "k": k, "t": t}
+        return {**parts[-1][1], "k": k, "t": t,
+                "fan_in": _sum_width([p["fan_in"] for _, p in parts])}
     if isinstance(layer, lk.Dropout):
         s = 1 / (1 - mpmath.mpf(layer.p))
         k = [[k[u][v] * (s if u == v else 1) for v in range(n)] for u in range(n)]

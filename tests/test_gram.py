@@ -290,3 +290,39 @@ def test_standard_parameterisation_follows_fan_in():
     relu_dot = (np.pi - angle) / (2 * np.pi)
     expected = 64 * relu_k + 1 + 2.25 * (4 * k0 + 1) * relu_dot
     np.testing.assert_allclose(std["ntk"], expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("spec, unsaid", [
+    # the standard readout's NTK is n·K + ..., n the hidden width: never said
+    ("dense, relu, dense(parameterization=standard)", "layer 1 (dense)"),
+    ("dense(width=8), relu, dense, dense(parameterization=standard)", "layer 3 (dense)"),
+    # a concat's width is the sum of its branches': one unsaid leaves it unsaid
+    ("dense(width=3), concat[relu, dense(width=4); erf, dense], "
+     "dense(parameterization=standard)", "branch 2: layer 2 (dense)"),
+])
+def test_standard_layer_after_an_unsaid_width_is_refused(spec, unsaid):
+    x = np.random.default_rng(6).standard_normal((3, 4))
+    with pytest.raises(lk.SpecError, match="leaves its width unsaid") as err:
+        lk.kernel(spec, x)
+    assert unsaid in str(err.value) and "width=" in str(err.value)
+
+
+def test_a_sum_takes_the_width_its_branches_state():
+    # Summed branches have one width in every network, so the one the skip
+    # connection or a branch states is the fan-in of the next standard layer
+    # (Θ ← n K + 1 + σ_w² Θ, K the block's output); different stated widths are
+    # refused.
+    x = np.random.default_rng(6).standard_normal((3, 4))
+    # An ntk readout (σ_w = 1, σ_b = 0) gives K and K + Θ of the block's output.
+    ntk = lk.kernel("dense(width=5), residual[relu, dense], dense", x)
+    block_k, block_t = ntk["nngp"], ntk["ntk"] - ntk["nngp"]
+    for stated_by in ("dense, residual[relu, dense(width=5)]",
+                      "dense(width=5), residual[relu, dense]"):
+        got = lk.kernel(f"{stated_by}, dense(parameterization=standard)", x)
+        np.testing.assert_allclose(got["ntk"], 5 * block_k + 1 + block_t, rtol=1e-14)
+    with pytest.raises(lk.SpecError, match="widths 3 and 5, but a sum needs them equal"):
+        lk.kernel("dense(width=3), residual[relu, dense(width=5)], "
+                  "dense(parameterization=standard)", x)
+    with pytest.raises(lk.SpecError, match="the branches end with widths 2 and 7"):
+        lk.kernel("dense, parallel[relu, dense(width=7); erf, dense(width=2)], "
+                  "dense(parameterization=standard)", x)

@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings, target
 from hypothesis import strategies as st
-from reference import kernel_mp, spatial_kernel_mp
+from reference import UnsaidWidth, kernel_mp, spatial_kernel_mp
 
 import limitkernel as lk
 from limitkernel.spec import SpecError
@@ -136,8 +136,9 @@ def _dense(draw, last=False):
         params["parameterization"] = "standard"
         if not last:
             params["width"] = draw(st.sampled_from([1, 5, 100, 4096]))
-    elif not last and draw(st.integers(0, 5)) == 0:
-        params["width"] = draw(st.sampled_from([3, 50]))  # the fan-in of later "standard" ones
+    elif not last and draw(st.integers(0, 1)) == 0:
+        # the fan-in of later "standard" ones (refused without it)
+        params["width"] = draw(st.sampled_from([3, 50]))
     return _call("dense", **params)
 
 
@@ -242,6 +243,8 @@ def _conv(draw, shape, seq, same_shape=False):
     params.update(w_std=w if w != 1.0 else None, b_std=b or None)
     if draw(st.integers(0, 4)) == 0:
         params.update(parameterization="standard", width=draw(st.sampled_from([1, 4, 64])))
+    elif draw(st.integers(0, 1)) == 0:
+        params["width"] = draw(st.sampled_from([3, 50]))  # as for dense
     stride = params.get("stride")
     params["stride"] = None if stride in (None, 1.0) else str(int(stride))
     return _call("conv", **params), out
@@ -649,6 +652,20 @@ def _check_close(case, a, b, rtol, what):
                 f"{float(tol / scale[i, j]):.3g}) for {case!r}")
 
 
+def _width_unsaid(case):
+    """Whether the reference finds the spec's kernel undefined: a "standard"
+    layer after a layer of unsaid width, or a sum of branches of different
+    widths."""
+    run = spatial_kernel_mp if case.spatial else kernel_mp
+    try:
+        run(case.spec, case.x[0], case.x[0], dps=15)
+    except UnsaidWidth:
+        return True
+    except (ValueError, ZeroDivisionError, OverflowError):
+        pass
+    return False
+
+
 def _variance_extremes(case):
     """(largest, smallest non-zero) |K(x, x)| and |Θ(x, x)| over every layer and
     input, in mpmath; (inf, 0) when the mpmath recursion itself finds an infinite
@@ -692,8 +709,12 @@ def test_kernel_is_finite_or_refused_for_a_reason(case):
             warnings.simplefilter("ignore")
             diag = lk.kernel_diag(case.spec, case.x)
     except REFUSALS as err:
-        event(f"refused: {type(err).__name__}")
         message = str(err)
+        if isinstance(err, SpecError) and _width_unsaid(case):
+            event("refused: a standard layer's fan-in unsaid")
+            assert "width" in message, f"the refusal does not name the width: {message!r}"
+            return
+        event(f"refused: {type(err).__name__}")
         big, small = _variance_extremes(case)
         assert big > HUGE or small < TINY, (
             f"refused ({message}) though every variance of every layer lies in "

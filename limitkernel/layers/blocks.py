@@ -47,13 +47,14 @@ class _BlockLowering:
         return [(branch, 1.0) for branch in self.branches]
 
     def lower(self, builder, where):
-        fan_in, gaussian, depth = builder.fan_in, builder.gaussian, builder.depth
+        fan_in, unsized = builder.fan_in, builder.unsized
+        gaussian, depth = builder.gaussian, builder.depth
         slot_in, slot_acc = 2 * depth, 2 * depth + 1
         builder.n_slots = max(builder.n_slots, slot_acc + 1)
         pairs = self.weighted_branches()
         weights = [w for _, w in pairs]
         concat = isinstance(self, Concat)
-        results = []
+        results, last_unsized = [], unsized
         acc_row = builder.emit(SAVE, f"the input of {where}", slot=slot_in, n_slots=0)
         acc_slot = slot_in
         for index, (branch, _) in enumerate(pairs):
@@ -65,11 +66,13 @@ class _BlockLowering:
                 builder.emit(LOAD, f"{where}, branch {index + 1}", slot=slot_in, n_slots=0)
             label = f"{where}, branch {index + 1}: " if len(pairs) > 1 and \
                 not isinstance(self, Residual) else f"{where}: "
-            builder.fan_in, builder.gaussian, builder.independent = fan_in, gaussian, False
+            builder.fan_in, builder.unsized = fan_in, unsized
+            builder.gaussian, builder.independent = gaussian, False
             builder.depth = depth + 1
             builder.lower(branch.layers, label)
             builder.depth = depth
             results.append((builder.fan_in, builder.gaussian, builder.independent))
+            last_unsized = builder.unsized or last_unsized
             if index == 0:
                 acc_row = builder.emit(SAVE, f"{where}, branch 1", slot=slot_acc, n_slots=0)
                 acc_slot = slot_acc
@@ -84,7 +87,8 @@ class _BlockLowering:
                 acc_row = builder.emit(SAVE, f"{where}", slot=slot_acc, n_slots=0)
                 acc_slot = slot_acc
         if concat:
-            builder.fan_in = sum(r[0] for r in results)
+            widths = [r[0] for r in results]
+            builder.set_width(None if None in widths else sum(widths), last_unsized)
             builder.gaussian, builder.independent = "concat", all(r[2] for r in results)
             return
         shared = [i + 1 for i, r in enumerate(results) if not r[2]]
@@ -96,9 +100,20 @@ class _BlockLowering:
                 "their outputs are correlated and the kernel of their sum is not the "
                 "sum of their kernels; end every branch but one with a dense layer"
             )
-        builder.fan_in = results[0][0]
+        builder.set_width(self._summed_width(where, [r[0] for r in results]), last_unsized)
         builder.gaussian = True if all(r[1] is True for r in results) else "sum"
         builder.independent = all(r[2] for r in results)
+
+    def _summed_width(self, where, widths):
+        """The width of a sum of branches: the one they state (None if none does)."""
+        known = sorted({w for w in widths if w is not None})
+        if len(known) > 1:
+            names = ("the skip connection and the branch" if isinstance(self, Residual)
+                     else "the branches")
+            raise SpecError(f"{where}: {names} end with widths "
+                            f"{' and '.join(f'{w:g}' for w in known)}, but a sum needs "
+                            "them equal; give their last dense or conv layers one width")
+        return known[0] if known else None
 
     def finite_scales(self):
         """The factor of each branch in the finite network's sum."""

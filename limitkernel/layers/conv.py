@@ -206,7 +206,8 @@ class Conv(_Spatial):
             theta_k, theta_b = w_var, b_var
         else:
             # Θ ← n mean_δ K + 1 + σ_w² mean_δ Θ with n = k_y k_x C, the fan-in.
-            theta_k, theta_b = k[0] * k[1] * builder.fan_in, 1.0
+            theta_k = k[0] * k[1] * builder.require_fan_in(where)
+            theta_b = 1.0
             if self.width is None:
                 raise SpecError(f"{where}: the standard parameterisation needs the layer's "
                                 "width (output channels) for the NTK of the next layer; "
@@ -214,8 +215,7 @@ class Conv(_Spatial):
         builder.emit(self, where, w_var=w_var, b_var=b_var, theta_k=theta_k,
                      theta_b=theta_b, geometry=geometry, taps=k)
         builder.spatial = shape_out
-        if self.width is not None:
-            builder.fan_in = self.width
+        builder.set_width(self.width, where)
         builder.gaussian, builder.independent = True, True
 
     def diag_update(self, op, state):
@@ -356,7 +356,8 @@ class Flatten(Layer, OpKind):
         _check_collapse(self, builder, where)
         builder.emit(self, where)
         shape = builder.spatial
-        builder.fan_in = builder.fan_in * shape[0] * shape[1]
+        if builder.fan_in is not None:
+            builder.fan_in = builder.fan_in * shape[0] * shape[1]
         builder.spatial = None
         if builder.gaussian is True:
             builder.gaussian = "flatten"

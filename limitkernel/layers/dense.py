@@ -82,7 +82,8 @@ class Dense(Layer, OpKind):
         if self.parameterization == "ntk":
             theta_k, theta_b = w_var, b_var
         else:
-            theta_k, theta_b = builder.fan_in, 1.0
+            theta_k = builder.require_fan_in(where)
+            theta_b = 1.0
             if self.width is None and not builder.final:
                 raise SpecError(
                     f"{where}: the standard parameterisation needs the layer's width "
@@ -90,8 +91,7 @@ class Dense(Layer, OpKind):
                 )
         builder.emit(self, where, w_var=w_var, b_var=b_var, theta_k=theta_k,
                      theta_b=theta_b)
-        if self.width is not None:
-            builder.fan_in = self.width
+        builder.set_width(self.width, where)
         builder.gaussian, builder.independent = True, True
 
     def diag_update(self, op, state):
