@@ -15,6 +15,9 @@ The network is the one the benchmark measures::
     stax.serial(3 * [Dense(w_std=1.5, b_std=0.05), Relu()],
                 Dense(w_std=1.5, b_std=0.05))
 
+(``--activation erf`` or ``gelu``: ``Erf()`` or ``Gelu(approximate=False)``
+instead of ``Relu()``, for ``bench_activations.py``.)
+
 (The width argument of ``stax.Dense`` does not change the infinite-width
 kernels.) The kernel function is jitted with ``static_argnames="get"``; JAX
 compiles for each input shape, so the warm-up call uses the full N.
@@ -59,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--w-std", type=float, default=1.5)
     parser.add_argument("--b-std", type=float, default=0.05)
     parser.add_argument("--hidden", type=int, default=3)
+    parser.add_argument("--activation", default="relu", choices=("relu", "erf", "gelu"),
+                        help="the hidden layers' activation (gelu: the exact one)")
     args = parser.parse_args(argv)
 
     # Keep JAX on the CPU and quiet; these must be set before it is imported.
@@ -87,7 +92,9 @@ def main(argv=None):
     try:
         layers = []
         for _ in range(args.hidden):
-            layers += [stax.Dense(512, W_std=args.w_std, b_std=args.b_std), stax.Relu()]
+            act = {"relu": stax.Relu, "erf": stax.Erf,
+                   "gelu": lambda: stax.Gelu(approximate=False)}[args.activation]()
+            layers += [stax.Dense(512, W_std=args.w_std, b_std=args.b_std), act]
         layers.append(stax.Dense(512, W_std=args.w_std, b_std=args.b_std))
         _, _, kernel_fn = stax.serial(*layers)
         kernel_fn = jax.jit(kernel_fn, static_argnames="get")

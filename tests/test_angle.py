@@ -89,3 +89,23 @@ def test_atan_polynomial_over_all_octants():
     got = many(y, x)
     ref = np.array([float(mpmath.atan2(mpmath.mpf(a), mpmath.mpf(b))) for a, b in zip(y, x)])
     np.testing.assert_allclose(got, ref, rtol=4 * np.finfo(float).eps, atol=0)
+
+
+def test_signed_atan2_for_positive_x():
+    # erf and GELU take atan2(y, x) with x = √Δ > 0 and y of either sign.
+    @njit
+    def many(y, x):
+        out = np.empty(y.shape[0])
+        for i in range(y.shape[0]):
+            out[i] = K.atan2_right(y[i], x[i])
+        return out
+
+    rng = np.random.default_rng(2)
+    angle = rng.uniform(-math.pi / 2, math.pi / 2, 5000)
+    radius = 10.0 ** rng.uniform(-100, 100, 5000)
+    y, x = radius * np.sin(angle), radius * np.cos(angle)
+    y[:3], x[:3] = [0.0, -0.0, -1e-300], [1.0, 2.0, 1.0]
+    got = many(y, x)
+    ref = np.array([float(mpmath.atan2(mpmath.mpf(a), mpmath.mpf(b))) for a, b in zip(y, x)])
+    np.testing.assert_allclose(got, ref, rtol=4 * np.finfo(float).eps, atol=0)
+    assert np.all(np.sign(got) == np.sign(y))

@@ -11,7 +11,7 @@ import math
 
 from .._numba import jit
 
-__all__ = ["angle", "arccos_j", "atan2_upper", "sin_minus_theta_cos",
+__all__ = ["angle", "arccos_j", "atan2_right", "atan2_upper", "sin_minus_theta_cos",
            "sin_minus_theta_cos_pair"]
 
 INV_PI = 1.0 / math.pi
@@ -69,6 +69,14 @@ def atan2_upper(y, x):
     a = u * p + (0.7853981633974483 if big else 0.0)
     a = 1.5707963267948966 - a if y > ax else a
     return math.pi - a if x < 0.0 else a
+
+
+@jit
+def atan2_right(y, x):
+    """atan2(y, x) for x > 0, in (−π/2, π/2): :func:`atan2_upper` of |y|, signed
+    (vectorises where ``math.atan2``, a library call, does not)."""
+    a = atan2_upper(abs(y), x)
+    return -a if y < 0.0 else a
 
 
 @jit

@@ -31,7 +31,7 @@ from scipy import special
 from .._numba import jit
 from .._program import OpKind
 from ..spec import Layer, SpecError, layer_from_name, register
-from ._angle import INV_2PI, INV_PI, angle, arccos_j, sin_minus_theta_cos_pair
+from ._angle import INV_2PI, INV_PI, angle, arccos_j, atan2_right, sin_minus_theta_cos_pair
 
 __all__ = [
     "ABRelu",
@@ -511,14 +511,14 @@ def erf_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
         if scale < 1e100:
             det = 1.0 + b2 * (q11 + q22) + b2 * b2 * q11 * q22 * cj * (2.0 - cj)
             root = math.sqrt(det)
-            q12[j] = amp * math.atan2(b2 * q12[j], root) + offset
+            q12[j] = amp * atan2_right(b2 * q12[j], root) + offset
             if want_ntk:
                 ntk[j] *= slope / root
         else:
             inv = 1.0 / scale
             det = inv * inv + (1.0 / q11 + 1.0 / q22) / b2 + cj * (2.0 - cj)
             root = math.sqrt(det)
-            q12[j] = amp * math.atan2((q12[j] / r11) / r22[j], root) + offset
+            q12[j] = amp * atan2_right((q12[j] / r11) / r22[j], root) + offset
             if want_ntk:
                 ntk[j] *= slope * inv / root
     generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
@@ -859,7 +859,7 @@ def gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
             pq = p1 * (1.0 + q22)
             big_r = 1.0 + q11 + q22 + prod * cj * (2.0 - cj)
             root = math.sqrt(big_r)
-            ang = math.atan2(q, root) * INV_2PI
+            ang = atan2_right(q, root) * INV_2PI
             q12[j] = 0.25 * q + q * ang + (prod * big_r + q * q) * INV_2PI / (pq * root)
             if want_ntk:
                 # 1 + (1 − q11 q22)/(P Q) = (2 + q11 + q22)/(P Q): no cancellation
@@ -873,7 +873,7 @@ def gelu_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
             r = 1.0 / p1 + 1.0 / p2 - s * s + u1 * u2 * cj * (2.0 - cj)
             root_r = math.sqrt(r)
             qs = q * s
-            ang = math.atan2(qs, root_r) * INV_2PI
+            ang = atan2_right(qs, root_r) * INV_2PI
             prod_s = (q11 / math.sqrt(p1)) * (q22 / math.sqrt(p2))
             q12[j] = (0.25 * q + q * ang
                       + (prod_s * root_r + qs * qs * s / root_r) * INV_2PI)
