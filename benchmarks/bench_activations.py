@@ -36,8 +36,9 @@ if (HERE.parent / "limitkernel").is_dir():
     sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import limitkernel as lk
 from bench_gram import _nt_python, run_worker
+
+import limitkernel as lk
 
 SPEC = "3 * [dense(w_std=1.5, b_std=0.05), {}], dense(w_std=1.5, b_std=0.05)"
 ACTIVATIONS = ("relu", "erf", "gelu")

@@ -226,8 +226,8 @@ def test_tiles_of_a_large_gram_agree_with_small_calls():
      r"layer 1 \(conv\) leaves its width unsaid"),
     ("conv, relu, flatten, dense(parameterization=standard)", (4, 4, 1),
      r"layer 1 \(conv\) leaves its width unsaid"),
-    ("conv(k=1), residual[abs, conv(k=1, parameterization=standard, width=1)], flatten, "
-     "dense(parameterization=standard)", (2, 2, 2), r"layer 1 \(conv\(k=1\)\) leaves"),
+    (("conv(k=1), residual[abs, conv(k=1, parameterization=standard, width=1)], flatten, "
+      "dense(parameterization=standard)"), (2, 2, 2), r"layer 1 \(conv\(k=1\)\) leaves"),
     ("conv(width=3), residual[relu, conv(width=2)], flatten, dense", (4, 4, 1),
      "widths 2 and 3, but a sum needs them equal"),
     ("conv(k=3:3), relu, flatten, dense", (6, 1), "sequence"),

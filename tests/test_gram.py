@@ -297,8 +297,8 @@ def test_standard_parameterisation_follows_fan_in():
     ("dense, relu, dense(parameterization=standard)", "layer 1 (dense)"),
     ("dense(width=8), relu, dense, dense(parameterization=standard)", "layer 3 (dense)"),
     # a concat's width is the sum of its branches': one unsaid leaves it unsaid
-    ("dense(width=3), concat[relu, dense(width=4); erf, dense], "
-     "dense(parameterization=standard)", "branch 2: layer 2 (dense)"),
+    (("dense(width=3), concat[relu, dense(width=4); erf, dense], "
+      "dense(parameterization=standard)"), "branch 2: layer 2 (dense)"),
 ])
 def test_standard_layer_after_an_unsaid_width_is_refused(spec, unsaid):
     x = np.random.default_rng(6).standard_normal((3, 4))
