@@ -219,6 +219,8 @@ def self_diagonals(program, xs):
     for side in sides:
         _check_range(program, side["var"], side["t"])
         side["nngp"], side["ntk"] = side.pop("k"), side.pop("t")
+    # Once for both sets (a pair takes one input from each).
+    _check_antiparallel(program, np.concatenate([side["var"] for side in sides], axis=1))
     return sides
 
 # Below this, float64 variances lose relative precision (products of two of them
@@ -236,7 +238,6 @@ def _check_range(program, var, ntk, small=None):
     ops = program.ops
     small = var if small is None else small
     _check_finite(program, var, ntk)
-    _check_antiparallel(program, var)
     tiny = (small > 0) & (small < _TINY_VARIANCE)
     lost = np.zeros_like(tiny)
     lost[1:] = (small[1:] == 0) & (small[:-1] > 0)
@@ -300,7 +301,8 @@ def _check_spatial_range(program, var, ntk):
     """:func:`_check_range` of a network on positions, whose table ``var`` (N, R)
     holds each op's variances at every position: per op, the largest of an
     input's positions (inf if one is not finite) is tested for overflow, the
-    smallest non-zero one (0 if all are) for underflow."""
+    smallest non-zero one (0 if all are) for underflow. Returns the largest
+    ones, (ops + 1, N)."""
     big, small = [], []
     for layer in range(len(program.ops) + 1):
         start = program.offsets[layer]
@@ -309,7 +311,9 @@ def _check_spatial_range(program, var, ntk):
         big.append(np.where(finite, np.abs(block).max(axis=1), np.inf))
         low = np.where(block > 0, block, np.inf).min(axis=1)
         small.append(np.where(np.isinf(low), 0.0, low))
-    _check_range(program, np.array(big), ntk, np.array(small))
+    big = np.array(big)
+    _check_range(program, big, ntk, np.array(small))
+    return big
 
 
 def _run_self(program, side, start, stop):
@@ -492,7 +496,7 @@ class GramPlan:
         self.collapse = program.collapse
         self.n_slots = max(program.n_slots, 1)
         self.work_size = program.work_size()
-        sides, diags = [], []
+        sides, diags, largest = [], [], []
         for x in (x1,) if self.symmetric else (x1, x2):
             flat = np.ascontiguousarray(x.reshape(len(x), -1, x.shape[-1]))
             norms = np.sqrt(np.einsum("npc,npc->np", flat, flat))
@@ -519,9 +523,10 @@ class GramPlan:
                     program.codes, program.prm, program.geo, program.imap, program.offsets,
                     program.positions, self.n_slots, status)
                 _check_status(status)
-            _check_spatial_range(program, var, ntk)
+            largest.append(_check_spatial_range(program, var, ntk))
             sides.append(_SpatialSide(flat, xn, var, root))
             diags.append((nngp, ntk))
+        _check_antiparallel(program, np.concatenate(largest, axis=1))
         self.nngp_diag, self.ntk_diag = diags[0]
         self.rows = sides[0]
         self.cols = sides[-1]

@@ -221,3 +221,20 @@ def test_an_erf_too_steep_for_float64_says_so():
                   [-1.0078846473146884e+64, 9.541417790467454e+63]])
     with pytest.warns(lk.PrecisionWarning, match=r"layer 2 \(erf.*and \d+e\+\d+ \(Θ\)"):
         lk.kernel("dense, erf(a=0.258, b=-2.19), dense", x)
+
+
+@pytest.mark.parametrize("shape, spec", [((5,), "dense, erf, dense"),
+                                         ((2, 2, 1), "conv, erf, flatten, dense")])
+def test_a_cross_kernel_warns_once_with_the_larger_variance(shape, spec):
+    # Pairs take one input from each set: one warning, at the largest variance
+    # of either (each set used to warn on its own).
+    rng = np.random.default_rng(3)
+    x1 = rng.standard_normal((3,) + shape) * 1e4
+    x2 = rng.standard_normal((2,) + shape) * 1e5
+    with pytest.warns(lk.PrecisionWarning) as record:
+        lk.kernel(spec, x1, x2)
+    messages = [str(r.message) for r in record if r.category is lk.PrecisionWarning]
+    assert len(messages) == 1, messages
+    with pytest.warns(lk.PrecisionWarning) as alone:
+        lk.kernel(spec, x2)
+    assert messages[0] == str(alone[0].message)
