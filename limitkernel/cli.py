@@ -31,6 +31,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors on one line."""
 
     def error(self, message):
+        # An argument may hold line breaks (it is quoted back): shown escaped.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -111,7 +113,14 @@ def _load_csv(path):
         skip = 0
     except ValueError:
         skip = 1  # a header row
-    data = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+    with warnings.catch_warnings():
+        # numpy warns of a file without data rows; said below as an error instead
+        warnings.simplefilter("ignore", UserWarning)
+        data = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+    if data.size == 0:
+        raise CLIError(f"{path} holds no rows of numbers"
+                       + (" after its first line, read as a header" if skip else "")
+                       + "; write one input per line, comma-separated")
     return data
 
 

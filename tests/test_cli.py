@@ -164,6 +164,8 @@ def test_bad_files_and_options_fail_on_one_line(tmp_path, inputs, capsys):
     (tmp_path / "spec.json").write_bytes(b"\x93\xff\x00binary")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object))
     np.save(tmp_path / "complex.npy", np.ones((3, 2)) + 1j)
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("dense, relu, dense\n")
     cases = [
         (["--arch", SPEC, "--x", tmp_path / "text.npy"], "is not a .npy file"),
         (["--arch", SPEC, "--x", tmp_path / "text.npz"], "is not a .npz file"),
@@ -172,6 +174,10 @@ def test_bad_files_and_options_fail_on_one_line(tmp_path, inputs, capsys):
         (["--arch", SPEC, "--x", tmp_path], "is a directory"),
         (["--arch", tmp_path / "spec.json", "--x", x], "cannot read the spec file"),
         (["--arch", tmp_path / "missing.json", "--x", x], "is neither a file nor a spec"),
+        # found by fuzzing: numpy's "input contained no data" warning, an
+        # internal error under warnings as errors
+        (["--arch", SPEC, "--x", tmp_path / "empty.csv"], "holds no rows of numbers"),
+        (["--arch", SPEC, "--x", tmp_path / "header.csv"], "after its first line"),
     ]
     for args, fragment in cases:
         status, _, err = call(["kernel", *args, "--out", tmp_path / "k.npz"], capsys)
@@ -187,7 +193,9 @@ def test_bad_files_and_options_fail_on_one_line(tmp_path, inputs, capsys):
 
 
 def test_usage_errors_are_one_line(capsys):
+    # (an argument with a line break, found by fuzzing, is quoted back escaped)
     for argv in (["kernel", "--bogus"], ["nonsense"], [], ["predict", "--arch", "dense"],
+                 ["activations", "--arch", "0 * [abrelu],\n0 * [abrelu]"],
                  ["predict", "--lr", "nan", "--arch", "dense", "--train", "a.npz",
                   "--test", "b.npz", "--out", "c.npz"]):
         with pytest.raises(SystemExit) as info:
