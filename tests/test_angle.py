@@ -4,6 +4,7 @@ import math
 
 import mpmath
 import numpy as np
+import pytest
 from numba import njit
 
 from limitkernel.layers import _angle as K
@@ -74,38 +75,26 @@ def test_s_pair_matches_mpmath_at_both_ends():
         assert abs(s_sup - float(ref_sup)) <= tol_sup, value
 
 
-def test_atan_polynomial_over_all_octants():
+@pytest.mark.parametrize("name, low, high", [
+    ("atan2_upper", 0.0, math.pi),  # y ≥ 0, every octant
+    ("atan2_right", -math.pi / 2, math.pi / 2),  # x > 0 (erf, GELU), y of either sign
+])
+def test_polynomial_atan2_matches_mpmath(name, low, high):
+    atan2 = getattr(K, name)
+
     @njit
     def many(y, x):
         out = np.empty(y.shape[0])
         for i in range(y.shape[0]):
-            out[i] = K.atan2_upper(y[i], x[i])
+            out[i] = atan2(y[i], x[i])
         return out
 
     rng = np.random.default_rng(1)
-    angle = rng.uniform(0, math.pi, 5000)
+    angle = rng.uniform(low, high, 5000)
     radius = 10.0 ** rng.uniform(-100, 100, 5000)
     y, x = radius * np.sin(angle), radius * np.cos(angle)
+    y[:3], x[:3] = [0.0, -0.0 if low < 0 else 0.0, 1e-300], [1.0, 2.0, 1.0]
     got = many(y, x)
     ref = np.array([float(mpmath.atan2(mpmath.mpf(a), mpmath.mpf(b))) for a, b in zip(y, x)])
     np.testing.assert_allclose(got, ref, rtol=4 * np.finfo(float).eps, atol=0)
-
-
-def test_signed_atan2_for_positive_x():
-    # erf and GELU take atan2(y, x) with x = √Δ > 0 and y of either sign.
-    @njit
-    def many(y, x):
-        out = np.empty(y.shape[0])
-        for i in range(y.shape[0]):
-            out[i] = K.atan2_right(y[i], x[i])
-        return out
-
-    rng = np.random.default_rng(2)
-    angle = rng.uniform(-math.pi / 2, math.pi / 2, 5000)
-    radius = 10.0 ** rng.uniform(-100, 100, 5000)
-    y, x = radius * np.sin(angle), radius * np.cos(angle)
-    y[:3], x[:3] = [0.0, -0.0, -1e-300], [1.0, 2.0, 1.0]
-    got = many(y, x)
-    ref = np.array([float(mpmath.atan2(mpmath.mpf(a), mpmath.mpf(b))) for a, b in zip(y, x)])
-    np.testing.assert_allclose(got, ref, rtol=4 * np.finfo(float).eps, atol=0)
-    assert np.all(np.sign(got) == np.sign(y))
+    assert np.all(np.sign(got) == np.sign(ref))
