@@ -206,12 +206,14 @@ def self_diagonals(program, xs):
         kind = program.ops[stop].kind
         for side in sides:  # the series needs finite variances entering it
             _check_finite(program, side["var"][:stop + 1], side["t"])
-        coefs = [kind.coefficients(side["var"][stop]) for side in sides]
-        terms = max(c[0].shape[1] for c in coefs)
-        for side, pair in zip(sides, coefs):
-            if pair[0].shape[1] < terms:
-                pair = kind.coefficients(side["var"][stop], terms=terms)
-            side["tables"].append(pair)
+        # One call for both sets: an input's coefficients are then the same
+        # whichever set it is in (kernel(x, x.copy()) == kernel(x)).
+        both = kind.coefficients(np.concatenate([side["var"][stop] for side in sides]))
+        terms = both[0].shape[1]
+        cut = sides[0]["var"].shape[1]
+        for index, side in enumerate(sides):
+            rows = slice(0, cut) if index == 0 else slice(cut, None)
+            side["tables"].append((both[0][rows], both[1][rows]))
         program.ops[stop].params["table"] = len(sides[0]["tables"]) - 1
         program.ops[stop].params["terms"] = terms
         program.prm[stop, :len(kind.row_params)] = program.ops[stop].row()

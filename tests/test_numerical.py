@@ -634,3 +634,29 @@ def test_rows_in_a_group_give_the_bits_of_one_row_at_a_time(name):
                         np.empty(k), np.empty(k), want_ntk, j0)
             for together, single in zip(group, alone):
                 np.testing.assert_array_equal(together[g, :k], single)
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "elu"])
+def test_equal_variances_get_equal_coefficients_wherever_they_stand(name):
+    """Found by fuzzing: the last of two identical inputs got coefficients 2e-19
+    away from the first's (loops round a row by its place in the array), hence
+    another diagonal and a Gram matrix that was not symmetric."""
+    layer = lk.get_activation(name)
+    rng = np.random.default_rng(4)
+    for n in (3, 5, 8, 17, 33, 100):
+        q = rng.uniform(1e-4, 3.0, n)
+        q[-1], q[n // 2] = q[0], q[1]
+        coef, dcoef = layer.coefficients(q)
+        for table in (coef, dcoef):
+            assert np.array_equal(table[-1], table[0]), (n, np.abs(table[-1] - table[0]).max())
+            assert np.array_equal(table[n // 2], table[1])
+
+
+def test_identical_inputs_give_a_symmetric_gram_with_equal_diagonals():
+    # The fuzz reproducer: rows 0 and 2 are the same input.
+    x = np.array([[0.1257302210933933], [-0.1321048632913019], [0.1257302210933933]])
+    spec = "dense(w_std=0.25), dense(w_std=0.25), dense(w_std=0.102), tanh, dense"
+    for k in (lk.kernel(spec, x), lk.kernel(spec, x, x.copy())):
+        for kind in ("nngp", "ntk"):
+            assert np.array_equal(k[kind], k[kind].T), kind
+            assert k[kind][0, 0] == k[kind][2, 2] == k[kind][0, 2], kind

@@ -279,6 +279,21 @@ class Numerical(Activation):
 
     def _expand(self, q, terms):
         q = _as_variances(q, self.name)
+        # Once per distinct variance: numpy's and BLAS's loops may round a row
+        # by its place in the array, and identical inputs must get identical
+        # coefficients, bit for bit (found by fuzzing: the last of two identical
+        # inputs had another diagonal, and the Gram matrix was not symmetric).
+        distinct, inverse = np.unique(q, return_inverse=True)
+        coefs, tails, size = self._expand_distinct(distinct, terms)
+        coefs = [c[inverse] for c in coefs]
+        tails = [t[inverse] for t in tails]
+        bounds = tuple(float(np.max(t)) for t in tails)
+        if terms is None and max(bounds) > self.tol:
+            self._warn_truncated(q, tails, size)
+        return coefs[0], coefs[1], bounds
+
+    def _expand_distinct(self, q, terms):
+        """Coefficients and relative tails of φ and φ' for the variances ``q``, and T."""
         cap = int(self.max_terms)
         if terms is not None:
             size = int(terms)
@@ -301,10 +316,7 @@ class Numerical(Activation):
             # (Their rule was checked on them only: check it again on all inputs.)
             need, rule = self._terms_for(q[bad], cap)[0], None
             size = min(cap, max(size + 1, need))
-        bounds = tuple(float(np.max(t)) for t in tails)
-        if terms is None and max(bounds) > self.tol:
-            self._warn_truncated(q, tails, size)
-        return coefs[0], coefs[1], bounds
+        return coefs, tails, size
 
     def _terms_for(self, q, cap):
         """The fewest terms meeting ``tol`` on representatives of q (at most ``cap``).
