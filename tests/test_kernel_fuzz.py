@@ -539,6 +539,19 @@ def _allowance(case, trace, side):
             t_extra += wt * (anti + near) + wk * (anti + near)
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
+        if layer.name in ("sin", "cos", "rbf"):
+            _, plus = _correlations(before, case.spatial, side)
+            if plus < 1e-6:
+                # A nearly antiparallel pair: 1 + ρ is known to DC only, and an even
+                # φ (cos) makes the outputs nearly identical, their 1 − ρ' off by
+                # about b² q times that (README: exactly antiparallel inputs).
+                lossy = True
+                b2 = layer.b ** 2 if hasattr(layer, "b") else 2.0 * layer.gamma
+                if case.spatial:
+                    q = max(abs(before[0][u][u]) for u in range(len(before[0])))
+                else:
+                    q = max(abs(before[0]), abs(before[1]))
+                dc = max(dc, DC * (1.0 + b2 * float(q)))
     return k_extra, t_extra + k_extra
 
 
@@ -599,6 +612,19 @@ def _series_allowance(case):
         t_extra += (wt + wk) * error
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
+        if layer.name in ("sin", "cos", "rbf"):
+            _, plus = _correlations(before, case.spatial, side)
+            if plus < 1e-6:
+                # A nearly antiparallel pair: 1 + ρ is known to DC only, and an even
+                # φ (cos) makes the outputs nearly identical, their 1 − ρ' off by
+                # about b² q times that (README: exactly antiparallel inputs).
+                lossy = True
+                b2 = layer.b ** 2 if hasattr(layer, "b") else 2.0 * layer.gamma
+                if case.spatial:
+                    q = max(abs(before[0][u][u]) for u in range(len(before[0])))
+                else:
+                    q = max(abs(before[0]), abs(before[1]))
+                dc = max(dc, DC * (1.0 + b2 * float(q)))
     return k_extra, t_extra + k_extra
 
 
