@@ -467,6 +467,7 @@ def _correlations(state, spatial, side):
     return lo_minus, lo_plus
 
 
+TRIG = ("sin", "cos", "rbf")
 LOSSY = {"erf", "sigmoid_like", "gelu", "gaussian", "avg_pool", "global_avg_pool",
          "numerical", *HERMITE}
 
@@ -539,7 +540,7 @@ def _allowance(case, trace, side):
             t_extra += wt * (anti + near) + wk * (anti + near)
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
-        if layer.name in ("sin", "cos", "rbf"):
+        if layer.name in TRIG:
             _, plus = _correlations(before, case.spatial, side)
             if plus < 1e-6:
                 # A nearly antiparallel pair: 1 + ρ is known to DC only, and an even
@@ -610,21 +611,9 @@ def _series_allowance(case):
         error = worst + (worst if lossy else 0.0)  # θ ≈ π, and θ ≈ 0 after a loss
         k_extra += wk * error
         t_extra += (wt + wk) * error
-        if layer.name in LOSSY or getattr(layer, "series", False):
+        # (sin, cos, rbf: an antiparallel pair may leave them nearly identical)
+        if layer.name in LOSSY or layer.name in TRIG or getattr(layer, "series", False):
             lossy = True
-        if layer.name in ("sin", "cos", "rbf"):
-            _, plus = _correlations(before, case.spatial, side)
-            if plus < 1e-6:
-                # A nearly antiparallel pair: 1 + ρ is known to DC only, and an even
-                # φ (cos) makes the outputs nearly identical, their 1 − ρ' off by
-                # about b² q times that (README: exactly antiparallel inputs).
-                lossy = True
-                b2 = layer.b ** 2 if hasattr(layer, "b") else 2.0 * layer.gamma
-                if case.spatial:
-                    q = max(abs(before[0][u][u]) for u in range(len(before[0])))
-                else:
-                    q = max(abs(before[0]), abs(before[1]))
-                dc = max(dc, DC * (1.0 + b2 * float(q)))
     return k_extra, t_extra + k_extra
 
 
