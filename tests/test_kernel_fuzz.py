@@ -515,6 +515,12 @@ def _allowance(case, trace, side):
     An error of K reaches Θ at the next dense layer, so Θ gets K's too.
     """
     k_extra = t_extra = 0.0
+    if case.spatial:
+        # Pairs of positions are antiparallel wherever one channel changes sign:
+        # the steep layers' stated bounds, at the case's largest variance.
+        steep = _steep_bounds(case)
+        k_extra = sum(k for k, _ in steep)
+        t_extra = sum(t for _, t in steep)
     lossy = False
     dc = DC  # the absolute error of a 1 ± ρ taken from the covariance
     for layer, before, after in trace:
