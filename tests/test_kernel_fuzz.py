@@ -468,6 +468,7 @@ def _correlations(state, spatial, side):
 
 
 TRIG = ("sin", "cos", "rbf")
+EVEN = (*TRIG, "abs")  # those that may map an antiparallel pair to nearly identical outputs
 LOSSY = {"erf", "sigmoid_like", "gelu", "gaussian", "avg_pool", "global_avg_pool",
          "numerical", *HERMITE}
 
@@ -515,17 +516,18 @@ def _allowance(case, trace, side):
     An error of K reaches Θ at the next dense layer, so Θ gets K's too.
     """
     k_extra = t_extra = 0.0
-    if case.spatial:
-        # Pairs of positions are antiparallel wherever one channel changes sign:
-        # the steep layers' stated bounds, at the case's largest variance.
-        steep = _steep_bounds(case)
-        k_extra = sum(k for k, _ in steep)
-        t_extra = sum(t for _, t in steep)
     lossy = False
     dc = DC  # the absolute error of a 1 ± ρ taken from the covariance
     for layer, before, after in trace:
         if not case.spatial and side == (0, 1):
             ke, te = _antiparallel_extra(layer, before)
+            k_extra += ke
+            t_extra += te
+        elif case.spatial and layer.name in _ANTIPARALLEL_DECAY:
+            # Pairs of positions are antiparallel wherever one channel changes
+            # sign: the layer's stated bound, at the largest variance entering it.
+            q = max(abs(before[0][u][u]) for u in range(len(before[0])))
+            ke, te = layer.antiparallel_error(float(q))
             k_extra += ke
             t_extra += te
         if case.spatial and layer.name in ("avg_pool", "global_avg_pool"):
@@ -546,19 +548,22 @@ def _allowance(case, trace, side):
             t_extra += wt * (anti + near) + wk * (anti + near)
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
-        if layer.name in TRIG:
+        if layer.name in EVEN:
             _, plus = _correlations(before, case.spatial, side)
             if plus < 1e-6:
-                # A nearly antiparallel pair: 1 + ρ is known to DC only, and an even
-                # φ (cos) makes the outputs nearly identical, their 1 − ρ' off by
-                # about b² q times that (README: exactly antiparallel inputs).
+                # A nearly antiparallel pair: 1 + ρ is known to DC only (θ ≈ π to
+                # √(2 DC)), and an even φ (cos, abs) makes the outputs nearly
+                # identical, their 1 − ρ' off by about b² q times DC for the
+                # trigonometric ones and a few DC for abs (homogeneous) (README:
+                # exactly antiparallel inputs).
                 lossy = True
-                b2 = layer.b ** 2 if hasattr(layer, "b") else 2.0 * layer.gamma
                 if case.spatial:
                     q = max(abs(before[0][u][u]) for u in range(len(before[0])))
                 else:
                     q = max(abs(before[0]), abs(before[1]))
-                dc = max(dc, DC * (1.0 + b2 * float(q)))
+                b2 = {"abs": 0.0, "rbf": 2.0 * getattr(layer, "gamma", 0.0)}.get(
+                    layer.name, getattr(layer, "b", 0.0) ** 2)
+                dc = max(dc, DC * (4.0 + b2 * float(q)))
     return k_extra, t_extra + k_extra
 
 
