@@ -208,12 +208,11 @@ def self_diagonals(program, xs):
             _check_finite(program, side["var"][:stop + 1], side["t"])
         # One call for both sets: an input's coefficients are then the same
         # whichever set it is in (kernel(x, x.copy()) == kernel(x)).
-        both = kind.coefficients(np.concatenate([side["var"][stop] for side in sides]))
-        terms = both[0].shape[1]
-        cut = sides[0]["var"].shape[1]
-        for index, side in enumerate(sides):
-            rows = slice(0, cut) if index == 0 else slice(cut, None)
-            side["tables"].append((both[0][rows], both[1][rows]))
+        coef, dcoef = kind.coefficients(np.concatenate([side["var"][stop] for side in sides]))
+        terms = coef.shape[1]
+        cut = [sides[0]["var"].shape[1]]
+        for side, a, b in zip(sides, np.split(coef, cut), np.split(dcoef, cut)):
+            side["tables"].append((a, b))
         program.ops[stop].params["table"] = len(sides[0]["tables"]) - 1
         program.ops[stop].params["terms"] = terms
         program.prm[stop, :len(kind.row_params)] = program.ops[stop].row()

@@ -114,13 +114,14 @@ CLOSED = {
         lambda p: _call("exp", a=p[0], b=p[1])),
     "rbf": _num(0.01, 3).map(lambda g: _call("rbf", gamma=g)),
 }
+NAMES = tuple(sorted(CLOSED))  # every closed form, in a fixed order
 HERMITE = ["tanh", "softplus", "silu", "elu", "softsign"]
 # The spatial mpmath reference has no arc-cosine kernel of order k > 1.
 NO_SPATIAL_REFERENCE = {"relu_pow"}
 
 
 @st.composite
-def _act(draw, hermite=False, names=tuple(sorted(CLOSED))):
+def _act(draw, hermite=False, names=NAMES):
     if hermite and draw(st.integers(0, 11)) == 0:
         return draw(st.sampled_from(HERMITE))
     return draw(CLOSED[draw(st.sampled_from(names))])
@@ -154,7 +155,7 @@ def _branch(draw, hermite, level, names):
 
 
 @st.composite
-def _after_dense(draw, hermite=False, level=0, names=tuple(sorted(CLOSED))):
+def _after_dense(draw, hermite=False, level=0, names=NAMES):
     """What may follow a dense layer, up to the next dense layer."""
     kind = draw(st.integers(0, 11))
     act = _act(hermite, names)
@@ -193,7 +194,7 @@ def _after_dense(draw, hermite=False, level=0, names=tuple(sorted(CLOSED))):
 
 
 @st.composite
-def vector_spec(draw, max_depth=6, hermite=True, names=tuple(sorted(CLOSED))):
+def vector_spec(draw, max_depth=6, hermite=True, names=NAMES):
     layers = []
     for _ in range(draw(st.integers(1, max_depth))):
         layers.append(draw(_dense()))
@@ -252,7 +253,7 @@ def _conv(draw, shape, seq, same_shape=False):
 
 
 @st.composite
-def spatial_case_parts(draw, small=False, names=tuple(sorted(CLOSED))):
+def spatial_case_parts(draw, small=False, names=NAMES):
     """(spec, shape of one input) of a network on images or sequences."""
     seq = draw(st.booleans())
     channels = draw(st.integers(1, 2 if small else 3))
@@ -363,7 +364,7 @@ def _inputs(draw, row_shape, n_max, duplicate=False):
 
 @st.composite
 def cases(draw, n_max=6, max_depth=6, small=False, duplicate=False, spatial=None,
-          names=tuple(sorted(CLOSED)), hermite=True):
+          names=NAMES, hermite=True):
     """A Case, on vectors or (one time in three) on images and sequences."""
     on_positions = draw(st.integers(0, 2)) == 0 if spatial is None else spatial
     if on_positions:
@@ -467,6 +468,13 @@ def _correlations(state, spatial, side):
     return lo_minus, lo_plus
 
 
+def _largest_variance(state, spatial):
+    """The largest variance of the two inputs (all their positions) in a trace state."""
+    if spatial:
+        return float(max(abs(state[0][u][u]) for u in range(len(state[0]))))
+    return float(max(abs(state[0]), abs(state[1])))
+
+
 TRIG = ("sin", "cos", "rbf")
 EVEN = (*TRIG, "abs")  # those that may map an antiparallel pair to nearly identical outputs
 LOSSY = {"erf", "sigmoid_like", "gelu", "gaussian", "avg_pool", "global_avg_pool",
@@ -526,8 +534,7 @@ def _allowance(case, trace, side):
         elif case.spatial and layer.name in _ANTIPARALLEL_DECAY:
             # Pairs of positions are antiparallel wherever one channel changes
             # sign: the layer's stated bound, at the largest variance entering it.
-            q = max(abs(before[0][u][u]) for u in range(len(before[0])))
-            ke, te = layer.antiparallel_error(float(q))
+            ke, te = layer.antiparallel_error(_largest_variance(before, case.spatial))
             k_extra += ke
             t_extra += te
         if case.spatial and layer.name in ("avg_pool", "global_avg_pool"):
@@ -561,13 +568,9 @@ def _allowance(case, trace, side):
                 # trigonometric ones and a few DC for abs (homogeneous) (README:
                 # exactly antiparallel inputs).
                 lossy = True
-                if case.spatial:
-                    q = max(abs(before[0][u][u]) for u in range(len(before[0])))
-                else:
-                    q = max(abs(before[0]), abs(before[1]))
                 b2 = {"abs": 0.0, "rbf": 2.0 * getattr(layer, "gamma", 0.0)}.get(
                     layer.name, getattr(layer, "b", 0.0) ** 2)
-                dc = max(dc, DC * (4.0 + b2 * float(q)))
+                dc = max(dc, DC * (4.0 + b2 * _largest_variance(before, case.spatial)))
     return k_extra, t_extra + k_extra
 
 
