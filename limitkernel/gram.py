@@ -763,11 +763,15 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         # outputs' pages are first touched by the threads of the GEMM and of
         # the pass.
         in_place = dt == np.float64
+        scratch = None
         for c_start, c_stop in _chunks(n, m, in_place):
             if in_place:
                 g = k_out if want_nngp else t_out
             else:
-                g = np.empty((c_stop - c_start, m))
+                # One scratch for every chunk: its pages are touched once.
+                if scratch is None:
+                    scratch = np.empty((c_stop - c_start, m))
+                g = scratch[:c_stop - c_start]
             base = 0 if in_place else c_start
             for r0 in range(c_start, c_stop, rows):
                 r1 = min(r0 + rows, c_stop)
@@ -779,6 +783,7 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
                            k_out, t_out, sym, sym, want_nngp)
                 _advance(bar, r1 - r0)
             del g
+        del scratch
     if bar is not None:
         bar.close()
     if sym:
