@@ -54,7 +54,7 @@ from .layers.blocks import OP_ADD, OP_LOAD, OP_SAVE, stash_op
 from .layers.conv import OP_AVG_POOL, OP_CONV, OP_FLATTEN, OP_GLOBAL_AVG_POOL
 from .layers.dense import OP_DENSE, dense_row
 from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layernorm_row
-from .layers.numerical import OP_HERMITE, hermite_row, hermite_rows
+from .layers.numerical import OP_HERMITE, hermite_diagonal, hermite_row, hermite_rows
 
 __all__ = ["DISPATCHED", "NEAR_DUPLICATE", "CACHE_LINE", "ROW_GROUP_SERIES", "apply_row_op",
            "gram_block", "init_row", "run_ops", "self_rows"]
@@ -330,8 +330,10 @@ def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, 
     caller stops at each Hermite op to compute its tables). Each op runs once
     to learn the variance it leaves (K never depends on it) and once for real,
     exactly as a pair of identical inputs will, so that their entries equal
-    the diagonal (a Hermite-series op, whose K and Θ do not depend on the
-    variance it leaves, runs once).
+    the diagonal. A Hermite-series op sums its squared coefficients instead
+    (:func:`~limitkernel.layers.numerical.hermite_diagonal`); the Gram
+    matrices take their diagonals, and the entries of identical inputs, from
+    here (:meth:`limitkernel.gram.GramPlan.copy_twins`).
     """
     n_inputs = k.shape[0]
     for i in prange(n_inputs):
@@ -346,6 +348,15 @@ def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, 
         rho = np.empty(1)
         acc = np.empty(1)
         for layer in range(l0, l1):
+            if codes[layer] == OP_HERMITE:
+                # At ρ = 1 a series is the sum of its squared coefficients, and
+                # 1 − ρ stays 0: no probe is needed.
+                h, terms = int(prm[layer, 0]), int(prm[layer, 1])
+                q12[0] = hermite_diagonal(h1[h, i], terms)
+                ntk[0] *= hermite_diagonal(hd1[h, i], terms)
+                var[layer + 1, i] = q12[0]
+                roots[layer + 1, i] = math.sqrt(q12[0])
+                continue
             probe_k[0] = q12[0]
             probe_c[0] = omr[0]
             probe_t[0] = ntk[0]
@@ -355,13 +366,7 @@ def self_rows(l0, l1, var, roots, k, c, t, stash, codes, prm, h1, h2, hd1, hd2, 
                     roots, roots, codes, prm, h1, h2, hd1, hd2, True, True, status)
             var[layer + 1, i] = probe_k[0]
             roots[layer + 1, i] = math.sqrt(probe_k[0])
-            if codes[layer] == OP_HERMITE:
-                # The roots leaving a series op enter only its 1 − ρ, which is
-                # 0 here: the probe is the real thing (and the costly one).
-                q12[0] = probe_k[0]
-                ntk[0] = probe_t[0]
-            else:
-                run_ops(layer, layer + 1, q12, omr, ntk, own, rho, acc, i, i, roots, roots,
-                        codes, prm, h1, h2, hd1, hd2, True, True, status)
+            run_ops(layer, layer + 1, q12, omr, ntk, own, rho, acc, i, i, roots, roots, codes,
+                    prm, h1, h2, hd1, hd2, True, True, status)
             omr[0] = 0.0
 

@@ -30,6 +30,7 @@ __all__ = [
     "Softsign",
     "Tanh",
     "hermite_coefficients",
+    "hermite_diagonal",
     "hermite_row",
     "hermite_rows",
 ]
@@ -737,6 +738,17 @@ def hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, layer, roots1, r
         generic_one_minus_rho(q12[g, :n], one_minus_rho[g, :n], roots1[layer, i],
                               roots2[layer, col:col + n], roots1[layer + 1, i],
                               roots2[layer + 1, col:col + n])
+
+
+@jit
+def hermite_diagonal(coef, terms):
+    """Σ_{k<terms} coef[k]²: a series of :func:`hermite_row` at ρ = 1 between an
+    input and itself (E[φ(u)²] from φ's coefficients, E[φ'(u)²] from φ''s),
+    summed from the last term as Horner's rule sums it."""
+    total = 0.0
+    for k in range(terms - 1, -1, -1):
+        total += coef[k] * coef[k]
+    return total
 
 
 @jit
