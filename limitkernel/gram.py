@@ -163,7 +163,7 @@ def _stack_tables(tables, n, transpose):
         for dest, coef in zip(out, pair):
             width = coef.shape[1]
             if transpose:
-                dest[index, :width] = coef.T
+                _rows.transpose_into(dest[index, :width], coef)
             else:
                 dest[index, :, :width] = coef
     return out
@@ -321,18 +321,19 @@ def _run_self(program, side, start, stop):
     if stop <= start:
         return
     prm = program.prm
+    # The columns' tables serve Gram rows only (a series op on the diagonal
+    # sums its own coefficients).
+    h2 = hd2 = np.zeros((1, 1, 1))
     if side["tables"]:
         # A stretch holds at most one numerical op, at its start: the newest
-        # table, passed alone (as table 0) — the rows' as it is, the columns'
-        # transposed.
+        # table, passed alone (as table 0).
         coef, dcoef = side["tables"][-1]
         h1, hd1 = coef[None], dcoef[None]
-        h2, hd2 = (np.ascontiguousarray(t.T)[None] for t in (coef, dcoef))
         if program.codes[start] == _fused.OP_HERMITE:
             prm = prm.copy()
             prm[start, 0] = 0.0
     else:
-        h1 = hd1 = h2 = hd2 = np.zeros((1, 1, 1))
+        h1 = hd1 = np.zeros((1, 1, 1))
     status = np.full(1, -1, dtype=np.int64)
     _fused.self_rows(start, stop, side["var"], side["roots"], side["k"], side["c"],
                      side["t"], side["stash"], program.codes, prm, h1, h2, hd1, hd2,
