@@ -31,3 +31,14 @@ def test_negative_zero_hashes_as_zero():
     _rows.row_hashes(x.view(np.uint64), mult, out)
     expected = (np.array([1.5]).view(np.uint64) * mult[1:2])[0]  # arrays wrap silently
     assert out[0] == out[1] == expected
+
+
+@given(st.integers(1, 100), st.integers(1, 80), st.integers(0, 2 ** 32))
+def test_transpose_into_matches_numpy(n, t, seed):
+    # Shapes on both sides of the 32 × 32 tiles, and a destination that is a
+    # slice of a larger table (as the stacked Hermite tables are).
+    src = np.random.default_rng(seed).standard_normal((n, t))
+    dest = np.full((2, t + 3, n), np.nan)
+    _rows.transpose_into(dest[1, :t], src)
+    np.testing.assert_array_equal(dest[1, :t], src.T)
+    assert np.isnan(dest[1, t:]).all() and np.isnan(dest[0]).all()
