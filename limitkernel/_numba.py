@@ -39,10 +39,13 @@ import warnings
 from pathlib import Path
 
 import numba
+from llvmlite import ir
 from numba import njit
+from numba.core import types
+from numba.core.extending import intrinsic
 
-__all__ = ["CACHE", "FASTMATH", "KernelCacheWarning", "cold_kernels", "jit", "jit_parallel",
-           "sources_digest"]
+__all__ = ["CACHE", "FASTMATH", "KernelCacheWarning", "cold_kernels", "fma", "jit",
+           "jit_parallel", "sources_digest"]
 
 FASTMATH = {"nsz", "arcp", "contract"}
 
@@ -170,6 +173,30 @@ def jit(fn):
     """A small kernel: compiled once, cached, vectorisable, no Python objects."""
     return _register(fn, njit(cache=CACHE, fastmath=FASTMATH, nogil=True,
                               error_model="numpy")(fn))
+
+
+@intrinsic
+def fma(typingctx, x, y, z):
+    """x·y + z rounded once, in a jitted kernel (LLVM's ``llvm.fma``).
+
+    With ``contract`` among the flags, the compiler may fuse ``a*b + c*d`` as
+    either (a·b) + fl(c·d) or fl(a·b) + (c·d), and its choice can differ
+    between two loops that spell the sum alike; a kernel whose bits must not
+    depend on the loop that computes them writes the fused step out.
+    """
+    if not all(isinstance(t, types.Float) for t in (x, y, z)):
+        return None
+    sig = types.float64(types.float64, types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        double = ir.DoubleType()
+        args = [context.cast(builder, a, t, types.float64)
+                for a, t in zip(args, signature.args)]
+        fn = builder.module.declare_intrinsic("llvm.fma", [double],
+                                              ir.FunctionType(double, [double] * 3))
+        return builder.call(fn, args)
+
+    return sig, codegen
 
 
 _LAUNCH_LOCK = threading.Lock()

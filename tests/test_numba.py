@@ -142,3 +142,22 @@ def test_a_read_only_install_without_a_home_imports_caches_and_warns_once(tmp_pa
     for name in ("a.npz", "b.npz"):
         with np.load(tmp_path / name) as data:
             np.testing.assert_array_equal(data["ntk"], expected["ntk"])
+
+
+def test_fma_rounds_once():
+    # (1 + 2⁻³⁰)(1 − 2⁻³⁰) = 1 − 2⁻⁶⁰: rounded to float64 first, the product is
+    # 1 and the sum 0; fused, the sum is exactly −2⁻⁶⁰. Vectorised and scalar
+    # loops alike.
+    from numba import njit
+
+    @njit
+    def fused(x, y, z, out):
+        for j in range(x.shape[0]):
+            out[j] = _numba.fma(x[j], y[j], z[j])
+
+    n = 37
+    x, y, z = np.full(n, 1 + 2.0 ** -30), np.full(n, 1 - 2.0 ** -30), np.full(n, -1.0)
+    out = np.empty(n)
+    fused(x, y, z, out)
+    assert (x * y + z == 0.0).all()
+    np.testing.assert_array_equal(out, -(2.0 ** -60))

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 from scipy import special
 
-from .._numba import jit
+from .._numba import fma, jit
 from ..spec import Layer, SpecError, register
 from .activations import Activation, generic_one_minus_rho
 
@@ -637,8 +637,10 @@ def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_r
     whole C-contiguous column table and the offset ``col0`` rather than a slice
     ``b_cols[:, j0:j0 + n]``: the compiler cannot prove a slice's last axis
     contiguous and then does not vectorise the inner loop (about 1.5x slower).
-    Horner's rule in ρ, vectorised over a block of columns, with two savings
-    that change no result beyond rounding:
+    Horner's rule in ρ, vectorised over a block of columns (the blocks fall on
+    multiples of :data:`HERMITE_BLOCK` in the column tables, so that the rows
+    of :func:`hermite_rows` share them), with two savings that change no
+    result beyond rounding:
 
     * a block with r = max |ρ| < 1 stops at the first K with
       r^K √(S(K) / S(0)) ≤ 2⁻⁵⁴, S(K) = Σ_{K≤k<T} a_k² the row's own tail: by
@@ -666,7 +668,7 @@ def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_r
     j1 = 0
     while j1 < n:
         j0 = j1
-        j1 = 1 if lone and j0 == 0 else min(j0 + HERMITE_BLOCK, n)
+        j1 = 1 if lone and j0 == 0 else min(_block_end(col0 + j0) - col0, n)
         width = j1 - j0
         # Views indexed from 0 let the compiler vectorise the loops.
         _hermite_block(q12[j0:j1], acc[j0:j1], ntk[j0:j1], one_minus_rho[j0:j1],
@@ -674,6 +676,12 @@ def hermite_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, a_row, b_cols, ad_r
                        col0 + j0, first_a, step_a, tail_a, first_d, step_d, tail_d, terms,
                        want_ntk)
     generic_one_minus_rho(q12, one_minus_rho, r11, r22, n11, n22)
+
+
+@jit
+def _block_end(col):
+    """The first column after ``col`` on a multiple of HERMITE_BLOCK."""
+    return (col // HERMITE_BLOCK + 1) * HERMITE_BLOCK
 
 
 @jit
@@ -685,9 +693,11 @@ def hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, layer, roots1, r
     against the columns ``col0s[g]`` … ``col0s[g] + lengths[g] - 1``; ``h`` is
     the op's index in the Hermite tables. Every row is cut into the blocks
     ``hermite_row`` would cut it into and each block gets the same sums, so the
-    result is the same bit for bit; but the rows take turns block by block, so
+    result is the same bit for bit. But the rows take turns block by block, so
     a block of column coefficients (up to terms × 128 numbers) is read from
-    memory once for the whole group and then reused from cache.
+    memory once for the whole group and then reused from cache; and two rows
+    that cover the same block take it together (:func:`_hermite_pair`), each
+    column coefficient then loaded once for both.
     """
     n_rows = lengths.shape[0]
     first_a = np.empty(n_rows, dtype=np.int64)
@@ -696,8 +706,14 @@ def hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, layer, roots1, r
     step_d = np.empty(n_rows, dtype=np.int64)
     tail_a = np.empty((n_rows, terms + 1))
     tail_d = np.empty((n_rows, terms + 1))
-    lone = np.zeros(n_rows, dtype=np.bool_)
-    n_blocks = 0
+    # Each row's columns after its lone block (if any), as column indices.
+    starts = np.empty(n_rows, dtype=np.int64)
+    ends = np.empty(n_rows, dtype=np.int64)
+    x = np.empty((2, HERMITE_BLOCK))
+    square = np.empty((2, HERMITE_BLOCK))
+    deriv = np.empty((2, HERMITE_BLOCK))
+    first_block = 1 << 62
+    last_block = -1
     for g in range(n_rows):
         i = rows[g]
         first_a[g], step_a[g] = _hermite_parity(h1[h, i], terms)
@@ -705,32 +721,51 @@ def hermite_rows(q12, one_minus_rho, ntk, lengths, rows, col0s, layer, roots1, r
         tail_a[g] = _suffix_squares(h1[h, i], terms)
         tail_d[g] = _suffix_squares(hd1[h, i], terms)
         n = lengths[g]
+        col = col0s[g]
         # As in hermite_row: an identical input first in the row gets a block
-        # of its own, then blocks of HERMITE_BLOCK columns.
-        lone[g] = n > 0 and one_minus_rho[g, 0] == 0.0
-        rest = n - 1 if lone[g] else n
-        n_blocks = max(n_blocks, (1 if lone[g] else 0)
-                       + (rest + HERMITE_BLOCK - 1) // HERMITE_BLOCK)
-    x = np.empty(HERMITE_BLOCK)
-    square = np.empty(HERMITE_BLOCK)
-    deriv = np.empty(HERMITE_BLOCK)
-    for b in range(n_blocks):
-        for g in range(n_rows):
-            n = lengths[g]
-            if lone[g]:
-                j0 = 0 if b == 0 else 1 + (b - 1) * HERMITE_BLOCK
-                j1 = 1 if b == 0 else min(j0 + HERMITE_BLOCK, n)
-            else:
-                j0 = b * HERMITE_BLOCK
-                j1 = min(j0 + HERMITE_BLOCK, n)
-            if j0 >= n:
-                continue
-            width = j1 - j0
-            i = rows[g]
-            _hermite_block(q12[g, j0:j1], deriv[:width], ntk[g, j0:j1],
-                           one_minus_rho[g, j0:j1], x[:width], square[:width], h1[h, i],
-                           h2[h], hd1[h, i], hd2[h], col0s[g] + j0, first_a[g], step_a[g],
-                           tail_a[g], first_d[g], step_d[g], tail_d[g], terms, want_ntk)
+        # of its own, then blocks end on multiples of HERMITE_BLOCK.
+        lone = n > 0 and one_minus_rho[g, 0] == 0.0
+        if lone:
+            _hermite_block(q12[g, :1], deriv[0, :1], ntk[g, :1], one_minus_rho[g, :1],
+                           x[0, :1], square[0, :1], h1[h, i], h2[h], hd1[h, i], hd2[h], col,
+                           first_a[g], step_a[g], tail_a[g], first_d[g], step_d[g],
+                           tail_d[g], terms, want_ntk)
+        starts[g] = col + 1 if lone else col
+        ends[g] = col + n
+        if starts[g] < ends[g]:
+            first_block = min(first_block, starts[g] // HERMITE_BLOCK)
+            last_block = max(last_block, (ends[g] - 1) // HERMITE_BLOCK)
+    for b in range(first_block, last_block + 1):
+        # A row waits for a partner that covers the same columns of this block
+        # with series of the same parity; a row left without one goes alone.
+        waiting, w0, w1 = -1, 0, 0
+        for g in range(n_rows + 1):
+            if g < n_rows:
+                c0 = max(b * HERMITE_BLOCK, starts[g])
+                c1 = min((b + 1) * HERMITE_BLOCK, ends[g])
+                if c0 >= c1:
+                    continue
+                if waiting >= 0 and c0 == w0 and c1 == w1 and \
+                        first_a[g] == first_a[waiting] and step_a[g] == step_a[waiting] and \
+                        first_d[g] == first_d[waiting] and step_d[g] == step_d[waiting]:
+                    _hermite_pair(q12, one_minus_rho, ntk, waiting, g, rows, col0s, c0, c1,
+                                  h, h1, h2, hd1, hd2, x, square, deriv, first_a[g],
+                                  step_a[g], tail_a, first_d[g], step_d[g], tail_d, terms,
+                                  want_ntk)
+                    waiting = -1
+                    continue
+            if waiting >= 0:
+                j0, j1 = w0 - col0s[waiting], w1 - col0s[waiting]
+                i = rows[waiting]
+                _hermite_block(q12[waiting, j0:j1], deriv[0, :j1 - j0], ntk[waiting, j0:j1],
+                               one_minus_rho[waiting, j0:j1], x[0, :j1 - j0],
+                               square[0, :j1 - j0], h1[h, i], h2[h], hd1[h, i], hd2[h], w0,
+                               first_a[waiting], step_a[waiting], tail_a[waiting],
+                               first_d[waiting], step_d[waiting], tail_d[waiting], terms,
+                               want_ntk)
+            waiting = -1
+            if g < n_rows:
+                waiting, w0, w1 = g, c0, c1
     for g in range(n_rows):
         n = lengths[g]
         i = rows[g]
@@ -760,20 +795,56 @@ def _hermite_block(out, deriv, ntk, cj, x, x2, a_row, b_cols, ad_row, bd_cols, c
     ρ and ρ², ``deriv`` the E[φ'φ'] (scratch of the block's width). The series
     stop at the terms the block's largest |ρ| needs (:func:`_hermite_count`).
     """
-    width = cj.shape[0]
+    r = _block_powers(cj, x, x2)
+    _hermite_horner(out, a_row, b_cols, col, x, x2, first_a, step_a,
+                    _hermite_count(tail_a, r, terms))
+    if want_ntk:
+        _hermite_horner(deriv, ad_row, bd_cols, col, x, x2, first_d, step_d,
+                        _hermite_count(tail_d, r, terms))
+        for jj in range(cj.shape[0]):
+            ntk[jj] *= deriv[jj]
+
+
+@jit
+def _hermite_pair(q12, one_minus_rho, ntk, g1, g2, rows, col0s, c0, c1, h, h1, h2, hd1, hd2,
+                  x, square, deriv, first_a, step_a, tail_a, first_d, step_d, tail_d, terms,
+                  want_ntk):
+    """:func:`_hermite_block` for rows g1 and g2 of the state on the same columns
+    c0 … c1 − 1, whose series have the same parity: the terms both rows need
+    run together (:func:`_horner_pair`), those that only one needs run first
+    on that row alone. Each row gets the bits it would get alone.
+    """
+    width = c1 - c0
+    i1, i2 = rows[g1], rows[g2]
+    a1, a2 = c0 - col0s[g1], c0 - col0s[g2]
+    r1 = _block_powers(one_minus_rho[g1, a1:a1 + width], x[0, :width], square[0, :width])
+    r2 = _block_powers(one_minus_rho[g2, a2:a2 + width], x[1, :width], square[1, :width])
+    _horner_pair(q12[g1, a1:a1 + width], q12[g2, a2:a2 + width], h1[h, i1], h1[h, i2], h2[h],
+                 c0, x[0, :width], square[0, :width], x[1, :width], square[1, :width],
+                 first_a, step_a, _hermite_count(tail_a[g1], r1, terms),
+                 _hermite_count(tail_a[g2], r2, terms))
+    if want_ntk:
+        _horner_pair(deriv[0, :width], deriv[1, :width], hd1[h, i1], hd1[h, i2], hd2[h], c0,
+                     x[0, :width], square[0, :width], x[1, :width], square[1, :width],
+                     first_d, step_d, _hermite_count(tail_d[g1], r1, terms),
+                     _hermite_count(tail_d[g2], r2, terms))
+        t1 = ntk[g1, a1:a1 + width]
+        t2 = ntk[g2, a2:a2 + width]
+        for jj in range(width):
+            t1[jj] *= deriv[0, jj]
+            t2[jj] *= deriv[1, jj]
+
+
+@jit
+def _block_powers(cj, x, x2):
+    """x ← ρ = 1 − cj, x2 ← ρ²; returns the largest |ρ|."""
     r = 0.0
-    for jj in range(width):
+    for jj in range(cj.shape[0]):
         v = 1.0 - cj[jj]
         x[jj] = v
         x2[jj] = v * v
         r = max(r, abs(v))
-    _hermite_horner(out, a_row, b_cols, col, col + width, x, x2, first_a, step_a,
-                    _hermite_count(tail_a, r, terms))
-    if want_ntk:
-        _hermite_horner(deriv, ad_row, bd_cols, col, col + width, x, x2, first_d, step_d,
-                        _hermite_count(tail_d, r, terms))
-        for jj in range(width):
-            ntk[jj] *= deriv[jj]
+    return r
 
 
 @jit
@@ -820,41 +891,122 @@ def _hermite_parity(coef, terms):
 
 
 @jit
-def _hermite_horner(out, coef, cols, j0, j1, x, x2, first, step, count):
-    """out = Σ coef[k] cols[k, j0:j1] ρ^k over k = first, first + step, ... < count.
+def _last_term(first, step, count):
+    """The largest k = first + m·step below ``count`` (first − step if none)."""
+    if count <= first:
+        return first - step
+    return first + ((count - 1 - first) // step) * step
+
+
+@jit
+def _hermite_horner(out, coef, cols, col, x, x2, first, step, count):
+    """out = Σ coef[k] cols[k, col + jj] ρ_jj^k over k = first, first + step, ... < count.
 
     ``x`` holds ρ and ``x2`` ρ² for the block; step 2 runs Horner in ρ².
+    """
+    for jj in range(out.shape[0]):
+        out[jj] = 0.0
+    _horner_steps(out, coef, cols, col, x if step == 1 else x2,
+                  _last_term(first, step, count), first, step)
+    if step == 2 and first == 1:
+        for jj in range(out.shape[0]):
+            out[jj] *= x[jj]
+
+
+@jit
+def _horner_pair(out1, out2, coef1, coef2, cols, col, x1, sq1, x2, sq2, first, step, count1,
+                 count2):
+    """:func:`_hermite_horner` for two rows on the same columns (coefficients
+    ``coef1``, ``coef2``, ρ and ρ² ``x1``, ``sq1`` and ``x2``, ``sq2``, ``count1``
+    and ``count2`` terms)."""
+    for jj in range(out1.shape[0]):
+        out1[jj] = 0.0
+        out2[jj] = 0.0
+    z1 = x1 if step == 1 else sq1
+    z2 = x2 if step == 1 else sq2
+    top1 = _last_term(first, step, count1)
+    top2 = _last_term(first, step, count2)
+    if top1 > top2:
+        _horner_steps(out1, coef1, cols, col, z1, top1, top2 + step, step)
+    elif top2 > top1:
+        _horner_steps(out2, coef2, cols, col, z2, top2, top1 + step, step)
+    _horner_steps_pair(out1, out2, coef1, coef2, cols, col, z1, z2, min(top1, top2), first,
+                       step)
+    if step == 2 and first == 1:
+        for jj in range(out1.shape[0]):
+            out1[jj] *= x1[jj]
+            out2[jj] *= x2[jj]
+
+
+@jit
+def _horner_steps(out, coef, cols, col, z, top, bottom, step):
+    """out ← out·z + coef[k] cols[k, col:col + n] for k = top, top − step, … ≥ bottom.
+
     Each sweep over the block takes four terms, so each partial sum is loaded
     and stored once per four steps rather than once per step (the steps
-    themselves, and their rounding, are those of one term at a time).
+    themselves, and their rounding, are those of one term at a time). A step
+    is out·z + fl(coef·col) rounded once, written out
+    (:func:`~limitkernel._numba.fma`): the compiler's own fusing may round
+    alike-spelled steps differently in two loops, and a row must get the same
+    bits alone and paired (:func:`_horner_steps_pair`).
     """
-    width = out.shape[0]
-    for jj in range(width):
-        out[jj] = 0.0
-    if count <= first:
+    if top < bottom:
         return
-    last = first + ((count - 1 - first) // step) * step
-    z = x if step == 1 else x2
-    k = last
-    for _ in range(((last - first) // step + 1) % 4):
+    width = out.shape[0]
+    end = col + width
+    k = top
+    for _ in range(((top - bottom) // step + 1) % 4):
         ak = coef[k]
-        col = cols[k, j0:j1]
+        c = cols[k, col:end]
         for jj in range(width):
-            out[jj] = out[jj] * z[jj] + ak * col[jj]
+            out[jj] = fma(out[jj], z[jj], ak * c[jj])
         k -= step
-    while k >= first:
+    while k >= bottom:
         a0, a1, a2, a3 = coef[k], coef[k - step], coef[k - 2 * step], coef[k - 3 * step]
-        c0 = cols[k, j0:j1]
-        c1 = cols[k - step, j0:j1]
-        c2 = cols[k - 2 * step, j0:j1]
-        c3 = cols[k - 3 * step, j0:j1]
+        c0 = cols[k, col:end]
+        c1 = cols[k - step, col:end]
+        c2 = cols[k - 2 * step, col:end]
+        c3 = cols[k - 3 * step, col:end]
         for jj in range(width):
             zj = z[jj]
-            o = out[jj] * zj + a0 * c0[jj]
-            o = o * zj + a1 * c1[jj]
-            o = o * zj + a2 * c2[jj]
-            out[jj] = o * zj + a3 * c3[jj]
+            o = fma(out[jj], zj, a0 * c0[jj])
+            o = fma(o, zj, a1 * c1[jj])
+            o = fma(o, zj, a2 * c2[jj])
+            out[jj] = fma(o, zj, a3 * c3[jj])
         k -= 4 * step
-    if step == 2 and first == 1:
+
+
+@jit
+def _horner_steps_pair(out1, out2, coef1, coef2, cols, col, z1, z2, top, bottom, step):
+    """:func:`_horner_steps` for two rows, each column coefficient loaded once."""
+    if top < bottom:
+        return
+    width = out1.shape[0]
+    end = col + width
+    k = top
+    for _ in range(((top - bottom) // step + 1) % 4):
+        a, b = coef1[k], coef2[k]
+        c = cols[k, col:end]
         for jj in range(width):
-            out[jj] *= x[jj]
+            out1[jj] = fma(out1[jj], z1[jj], a * c[jj])
+            out2[jj] = fma(out2[jj], z2[jj], b * c[jj])
+        k -= step
+    while k >= bottom:
+        a0, a1, a2, a3 = coef1[k], coef1[k - step], coef1[k - 2 * step], coef1[k - 3 * step]
+        b0, b1, b2, b3 = coef2[k], coef2[k - step], coef2[k - 2 * step], coef2[k - 3 * step]
+        c0 = cols[k, col:end]
+        c1 = cols[k - step, col:end]
+        c2 = cols[k - 2 * step, col:end]
+        c3 = cols[k - 3 * step, col:end]
+        for jj in range(width):
+            y = z1[jj]
+            w = z2[jj]
+            o = fma(out1[jj], y, a0 * c0[jj])
+            p = fma(out2[jj], w, b0 * c0[jj])
+            o = fma(o, y, a1 * c1[jj])
+            p = fma(p, w, b1 * c1[jj])
+            o = fma(o, y, a2 * c2[jj])
+            p = fma(p, w, b2 * c2[jj])
+            out1[jj] = fma(o, y, a3 * c3[jj])
+            out2[jj] = fma(p, w, b3 * c3[jj])
+        k -= 4 * step
