@@ -649,8 +649,8 @@ class GramPlan:
         nr, nc = r1 - r0, c1 - c0
         on_diag = self.symmetric and (r0, r1) == (c0, c1)
         want_nngp = "nngp" in self.kinds or self.spatial is not None
-        k_out = np.empty((nr, nc) if want_nngp else (1, 1), dtype=self.dtype)
-        t_out = np.empty((nr, nc) if self.want_ntk else (1, 1), dtype=self.dtype)
+        k_out = _output((nr, nc) if want_nngp else (1, 1), self.dtype)
+        t_out = _output((nr, nc) if self.want_ntk else (1, 1), self.dtype)
         rows, cols = self.rows.part(r0, r1), self.cols.part(c0, c1)
         # float64 output holds the GEMM itself (each row is read before written).
         g = (k_out if want_nngp else t_out) if self.dtype == np.float64 else \
@@ -740,8 +740,8 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     _check_memory(n, m, plan.n_features, dt, int(want_nngp) + int(plan.want_ntk),
                   memory_limit, scratch=plan.spatial is None)
 
-    k_out = np.empty((n, m) if want_nngp else (1, 1), dtype=dt)
-    t_out = np.empty((n, m) if plan.want_ntk else (1, 1), dtype=dt)
+    k_out = _output((n, m) if want_nngp else (1, 1), dt)
+    t_out = _output((n, m) if plan.want_ntk else (1, 1), dt)
     rows = _block_rows(n, m)
     bar = _progress(n) if progress else None
     if plan.spatial is not None:
@@ -914,8 +914,23 @@ def _identical_rows_by_sorting(x, index):
 
 
 def _block_rows(n, m):
-    """Rows per GEMM block: about _BLOCK_BYTES of float64, at least 16."""
-    return max(1, min(n, max(16, _BLOCK_BYTES // (8 * m))))
+    """Rows per GEMM block: about _BLOCK_BYTES of float64, a multiple of 16 (so
+    that the pass's groups of rows start on a cache line of the output)."""
+    return max(1, min(n, 16 * max(1, _BLOCK_BYTES // (8 * m * 16))))
+
+
+def _output(shape, dtype):
+    """An uninitialised array whose data start on a cache line (64 bytes).
+
+    The pass writes the mirror image of a group of rows one cache line per
+    output row; numpy's own allocations start 16 bytes into a line, so each
+    of those writes would touch two lines.
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + _fused.CACHE_LINE, dtype=np.uint8)
+    start = -raw.ctypes.data % _fused.CACHE_LINE
+    return raw[start:start + size].view(dtype).reshape(shape)
 
 
 def _chunk_rows(n, m):
