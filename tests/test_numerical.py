@@ -592,16 +592,14 @@ def test_row_and_column_tables_share_the_term_count():
         np.testing.assert_allclose(got["ntk"], block, rtol=0, atol=1e-14 * both["ntk"].max())
 
 
-@pytest.mark.parametrize("name", ["tanh", "softplus", "elu"])
-def test_rows_in_a_group_give_the_bits_of_one_row_at_a_time(name):
-    # hermite_rows takes a group of rows block by block (each block of column
-    # coefficients then serves the whole group from cache); every row must get
-    # exactly what hermite_row gives it alone: the same blocks, the same sums.
+def _check_group_against_rows(name, rng, col0s, lengths, omr):
+    """hermite_rows on rows of the given first columns, lengths and 1 − ρ must
+    give every row exactly what hermite_row gives it alone: the same blocks,
+    the same sums, whether or not the row is paired with another."""
     from limitkernel.layers.numerical import hermite_row, hermite_rows
 
     kind = lk.spec.layer_from_name(name, {})
-    rng = np.random.default_rng(5)
-    n, m = 11, 700
+    n, m = omr.shape
     q_rows, q_cols = rng.uniform(0.3, 3.0, n), rng.uniform(0.3, 3.0, m)
     a, ad = kind.coefficients(q_rows)
     terms = a.shape[1]
@@ -612,15 +610,7 @@ def test_rows_in_a_group_give_the_bits_of_one_row_at_a_time(name):
     roots1[0] = np.sqrt(q_rows)
     roots2 = np.sqrt(rng.uniform(0.3, 3.0, (2, m)))
     roots2[0] = np.sqrt(q_cols)
-    # Rows of different lengths and first columns, as in the symmetric case;
-    # some start with an identical input (1 - ρ = 0), some run close to ρ = ±1.
     rows = np.arange(n, dtype=np.int64)
-    col0s = np.array([0, 3, 3, 10, 128, 129, 250, 500, 640, 699, 5], dtype=np.int64)
-    lengths = (m - col0s).astype(np.int64)
-    omr = rng.uniform(0.2, 1.8, (n, m))
-    omr[:, 300:310:2] = rng.uniform(0.0, 1e-6, (n, 5))
-    omr[:, 301:311:2] = 2.0 - rng.uniform(0.0, 1e-6, (n, 5))
-    omr[[1, 4, 9], 0] = 0.0
     ntk = rng.uniform(0.5, 2.0, (n, m))
     for want_ntk in (True, False):
         group = (np.zeros((n, m)), omr.copy(), ntk.copy())
@@ -634,6 +624,41 @@ def test_rows_in_a_group_give_the_bits_of_one_row_at_a_time(name):
                         np.empty(k), np.empty(k), want_ntk, j0)
             for together, single in zip(group, alone):
                 np.testing.assert_array_equal(together[g, :k], single)
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "elu"])
+def test_rows_in_a_group_give_the_bits_of_one_row_at_a_time(name):
+    # hermite_rows takes a group of rows block by block (each block of column
+    # coefficients then serves the whole group from cache) and two rows on the
+    # same block together.
+    rng = np.random.default_rng(5)
+    n, m = 11, 700
+    # Rows of different lengths and first columns, as in the symmetric case;
+    # some start with an identical input (1 - ρ = 0), some run close to ρ = ±1.
+    col0s = np.array([0, 3, 3, 10, 128, 129, 250, 500, 640, 699, 5], dtype=np.int64)
+    lengths = (m - col0s).astype(np.int64)
+    omr = rng.uniform(0.2, 1.8, (n, m))
+    omr[:, 300:310:2] = rng.uniform(0.0, 1e-6, (n, 5))
+    omr[:, 301:311:2] = 2.0 - rng.uniform(0.0, 1e-6, (n, 5))
+    omr[[1, 4, 9], 0] = 0.0
+    _check_group_against_rows(name, rng, col0s, lengths, omr)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["tanh", "softplus", "softsign"]), st.integers(1, 18),
+       st.integers(1, 400), st.integers(0, 2 ** 32))
+def test_groups_of_any_layout_give_the_bits_of_one_row_at_a_time(name, n, m, seed):
+    # Random first columns and lengths (cross kernels: all rows alike; symmetric
+    # ones: staggered), 1 − ρ anywhere in [0, 2] with near-identical and
+    # near-antiparallel pairs, so that partners need different numbers of terms.
+    rng = np.random.default_rng(seed)
+    col0s = rng.integers(0, m, n) if rng.random() < 0.7 else np.zeros(n, dtype=np.int64)
+    lengths = np.array([rng.integers(1, m - c + 1) for c in col0s], dtype=np.int64)
+    omr = rng.uniform(0.0, 2.0, (n, m))
+    near = rng.random((n, m)) < 0.1
+    omr[near] = rng.choice([0.0, 1e-9, 2.0 - 1e-9, 2.0], near.sum())
+    omr[rng.random(n) < 0.4, 0] = 0.0
+    _check_group_against_rows(name, rng, col0s.astype(np.int64), lengths, omr)
 
 
 @pytest.mark.parametrize("name", ["tanh", "softplus", "elu"])
