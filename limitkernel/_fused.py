@@ -19,9 +19,10 @@ The diagonals ``q11``, ``q22`` of every op are computed once per input set
 The pass works one output row at a time: each op is a simple loop over the
 row's entries (a row kernel, defined beside its layer kind in
 :mod:`limitkernel.layers`), which the compiler vectorises, and the only buffers
-are a few rows. Rows are taken in groups (:data:`CACHE_LINE`) so that Hermite
-series share each block of column coefficients while it is in cache, and in
-the symmetric case each group also writes its mirror image below the diagonal.
+are a few rows. Rows are taken in groups: in the symmetric case each group
+writes its mirror image below the diagonal, a cache line (:data:`CACHE_LINE`)
+per output row, and with Hermite series (:data:`ROW_GROUP_SERIES` rows) the
+group shares each block of column coefficients while it is in cache.
 """
 
 import math

@@ -190,8 +190,6 @@ def fma(typingctx, x, y, z):
 
     def codegen(context, builder, signature, args):
         double = ir.DoubleType()
-        args = [context.cast(builder, a, t, types.float64)
-                for a, t in zip(args, signature.args)]
         fn = builder.module.declare_intrinsic("llvm.fma", [double],
                                               ir.FunctionType(double, [double] * 3))
         return builder.call(fn, args)
