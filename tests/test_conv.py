@@ -220,7 +220,8 @@ def test_tiles_of_a_large_gram_agree_with_small_calls():
     ("conv(padding=valid, k=5), relu, flatten, dense", (4, 4, 1), "larger than its input"),
     ("conv, flatten, relu, dense", (4, 4, 1), "flatten of positions"),
     ("conv, residual[relu, conv, flatten], dense", (4, 4, 1), "inside a block"),
-    ("conv(parameterization=standard), relu, flatten, dense", (4, 4, 1), "width"),
+    ("conv(parameterization=standard), relu, flatten, dense(parameterization=standard)",
+     (4, 4, 1), r"layer 1 \(conv\(parameterization=standard\)\) leaves its width unsaid"),
     # a standard layer's fan-in is the previous layer's width, never given here
     ("conv, relu, conv(parameterization=standard, width=2), flatten, dense", (4, 4, 1),
      r"layer 1 \(conv\) leaves its width unsaid"),
@@ -236,6 +237,15 @@ def test_mismatched_specs_and_inputs_are_explained(spec, shape, message):
     x = np.ones((2,) + shape)
     with pytest.raises((lk.SpecError, ValueError), match=message):
         lk.kernel(spec, x)
+
+
+def test_a_standard_conv_states_its_width_only_for_a_standard_layer_after_it():
+    # Its output channels enter only a later "standard" layer's fan-in.
+    x = np.random.default_rng(2).standard_normal((3, 4, 4, 2))
+    spec = "conv(b_std=0.2, parameterization=standard{}), relu, conv, flatten, dense"
+    said = lk.kernel(spec.format(", width=5"), x)
+    for kind, value in lk.kernel(spec.format(""), x).items():
+        np.testing.assert_array_equal(value, said[kind])
 
 
 def test_input_shapes_must_agree():

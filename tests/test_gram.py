@@ -318,6 +318,21 @@ def test_standard_layer_after_an_unsaid_width_is_refused(spec, unsaid):
     assert unsaid in str(err.value) and "width=" in str(err.value)
 
 
+def test_a_standard_layer_states_its_width_only_for_a_standard_layer_after_it():
+    # Its own NTK needs its input width, not its output width: that enters only
+    # the NTK of a later "standard" layer. Before it, an "ntk" layer reads none.
+    x = np.random.default_rng(6).standard_normal((5, 4))
+    for tail in ("relu, dense", "erf, dense(width=3), relu, dense(parameterization=standard)"):
+        spec = "dense(w_std=1.5, b_std=0.1, parameterization=standard{}), " + tail
+        said = lk.kernel(spec.format(", width=64"), x)
+        for kind, value in lk.kernel(spec.format(""), x).items():
+            np.testing.assert_array_equal(value, said[kind])
+    with pytest.raises(lk.SpecError, match=r"layer 1 \(dense\(parameterization=standard\)\) "
+                       "leaves its width unsaid"):
+        lk.kernel("dense(parameterization=standard), relu, dense(parameterization=standard)",
+                  x)
+
+
 def test_a_sum_takes_the_width_its_branches_state():
     # Summed branches have one width in every network, so the one the skip
     # connection or a branch states is the fan-in of the next standard layer

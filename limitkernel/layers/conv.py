@@ -208,10 +208,6 @@ class Conv(_Spatial):
             # Θ ← n mean_δ K + 1 + σ_w² mean_δ Θ with n = k_y k_x C, the fan-in.
             theta_k = k[0] * k[1] * builder.require_fan_in(where)
             theta_b = 1.0
-            if self.width is None:
-                raise SpecError(f"{where}: the standard parameterisation needs the layer's "
-                                "width (output channels) for the NTK of the next layer; "
-                                "add width=...")
         builder.emit(self, where, w_var=w_var, b_var=b_var, theta_k=theta_k,
                      theta_b=theta_b, geometry=geometry, taps=k)
         builder.spatial = shape_out

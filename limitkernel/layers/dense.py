@@ -84,11 +84,6 @@ class Dense(Layer, OpKind):
         else:
             theta_k = builder.require_fan_in(where)
             theta_b = 1.0
-            if self.width is None and not builder.final:
-                raise SpecError(
-                    f"{where}: the standard parameterisation needs the layer's width "
-                    "for the NTK of the next dense layer; add width=..."
-                )
         builder.emit(self, where, w_var=w_var, b_var=b_var, theta_k=theta_k,
                      theta_b=theta_b)
         builder.set_width(self.width, where)
