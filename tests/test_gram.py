@@ -221,7 +221,7 @@ def test_bad_arguments():
     with pytest.raises(lk.SpecError, match="dense readout"):
         lk.kernel("dense, relu", x)
     with pytest.raises(lk.SpecError, match="width"):
-        lk.kernel("dense(parameterization=standard), relu, dense", x)
+        lk.kernel("dense(parameterization=standard), relu, dense(parameterization=standard)", x)
 
 
 def test_refuses_what_will_not_fit():
