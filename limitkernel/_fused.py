@@ -58,7 +58,7 @@ from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layerno
 from .layers.numerical import OP_HERMITE, hermite_diagonal, hermite_row, hermite_rows
 
 __all__ = ["DISPATCHED", "NEAR_DUPLICATE", "CACHE_LINE", "ROW_GROUP_SERIES", "apply_row_op",
-           "gram_block", "init_row", "run_ops", "self_rows"]
+           "gram_block", "init_row", "run_ops", "self_rows", "unit_difference"]
 
 # Every opcode the passes run (this one, and those of positions in
 # :mod:`limitkernel._fused_spatial`); an op a pass does not know leaves its code
@@ -89,6 +89,13 @@ ROW_GROUP_SERIES = 16
 
 
 @jit
+def unit_difference(a, b):
+    """x̂ − x̂' in one component, from the two parts (2,) of each unit vector's
+    (:func:`limitkernel._rows.unit_rows`)."""
+    return (a[0] - b[0]) + (a[1] - b[1])
+
+
+@jit
 def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym):
     """Input layer: q12 = x·x'/d from the GEMM, and an accurate 1 - ρ.
 
@@ -105,10 +112,12 @@ def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym):
     d = x1n.shape[1]
     for j in range(n):
         if one_minus_rho[j] < NEAR_DUPLICATE:
-            # 1 - ρ = |x̂ - x̂'|² / 2 for unit vectors x̂, x̂': no cancellation.
+            # 1 - ρ = |x̂ - x̂'|² / 2 for unit vectors x̂, x̂': no cancellation,
+            # and each held in two parts, so that their difference keeps its
+            # relative precision however close the inputs are.
             acc = 0.0
             for k in range(d):
-                diff = x1n[i, k] - x2n[j0 + j, k]
+                diff = unit_difference(x1n[i, k], x2n[j0 + j, k])
                 acc += diff * diff
             one_minus_rho[j] = 0.5 * acc
             if acc == 0.0 and s1 == s2[j]:

@@ -94,7 +94,9 @@ def init_rows(k, c, x1, x1n, i, x2t, x2nt, j0, j1, root_row, root_colt):
                 # 1 − ρ = |x̂ − x̂'|²/2 for unit vectors: no cancellation.
                 acc = 0.0
                 for ch in range(channels):
-                    d = x1n[i, p, ch] - x2nt[p, ch, j0 + j]
+                    # x̂ − x̂' from the two parts of each unit vector.
+                    d = (x1n[i, p, ch, 0] - x2nt[p, ch, 0, j0 + j]) + \
+                        (x1n[i, p, ch, 1] - x2nt[p, ch, 1, j0 + j])
                     acc += d * d
                 cp[j] = 0.5 * acc
 
@@ -254,12 +256,13 @@ def init_lanes(k, c, x1, x1n, i, xl, xln, a, b):
             cp[m] = 0.0
         for ch in range(channels):
             xv = x1[i, p, ch]
-            xnv = x1n[i, p, ch]
+            high, low = x1n[i, p, ch, 0], x1n[i, p, ch, 1]
             col = xl[ch]
-            coln = xln[ch]
+            col_high, col_low = xln[ch, 0], xln[ch, 1]
             for m in range(n):
                 kp[m] += xv * col[m]
-                d = xnv - coln[m]
+                # x̂ − x̂' from the two parts of each unit vector.
+                d = (high - col_high[m]) + (low - col_low[m])
                 cp[m] += d * d
         ap = a[p]
         for m in range(n):
@@ -446,7 +449,7 @@ def _lane_buffers(positions, work_size, n_slots, table_width, channels):
     root_b = np.empty(table_width * LANES)
     var_b = np.empty(table_width * LANES)
     xl = np.empty((channels, positions[0] * LANES))
-    xln = np.empty((channels, positions[0] * LANES))
+    xln = np.empty((channels, 2, positions[0] * LANES))
     return state, spare, stash, u_k, u_t, inv_b, taps_of, root_b, var_b, xl, xln
 
 
@@ -458,7 +461,8 @@ def _gather_lanes(x, xn, root, var, cols, xl, xln, root_b, var_b):
         for q in range(x.shape[1]):
             for ch in range(x.shape[2]):
                 xl[ch, q * LANES + lane] = x[j, q, ch]
-                xln[ch, q * LANES + lane] = xn[j, q, ch]
+                xln[ch, 0, q * LANES + lane] = xn[j, q, ch, 0]
+                xln[ch, 1, q * LANES + lane] = xn[j, q, ch, 1]
         for pos in range(root.shape[1]):
             root_b[pos * LANES + lane] = root[j, pos]
             var_b[pos * LANES + lane] = var[j, pos]

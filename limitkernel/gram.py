@@ -347,7 +347,8 @@ def _run_self(program, side, start, stop):
 class _Side:
     """What the fused pass needs of the rows (or the columns) of a Gram matrix.
 
-    ``x`` the inputs, ``xn`` the inputs scaled to unit norm, ``roots`` (L + 1, n)
+    ``x`` the inputs, ``xn`` (n, d, 2) their unit vectors in two parts
+    (:func:`_normalise`), ``roots`` (L + 1, n)
     the square roots of the diagonals entering each layer, ``var0`` (n,) the
     input layer's diagonals, ``h``, ``hd`` the Hermite tables of the numerical
     layers: (T, n, terms) for rows, (T, terms, n) for columns (``axis`` is the
@@ -380,8 +381,8 @@ class _Side:
 class _SpatialSide:
     """What the spatial passes need of the rows (or columns) of a Gram matrix.
 
-    ``x`` (n, P, C) the inputs with positions flattened, ``xn`` each position's
-    channel vector at unit norm, ``var``/``root`` (n, R) the per-position
+    ``x`` (n, P, C) the inputs with positions flattened, ``xn`` (n, P, C, 2)
+    each position's channel vector at unit norm in two parts, ``var``/``root`` (n, R) the per-position
     diagonals of every op and their roots. Transposed copies for the column
     side are made on first use.
     """
@@ -413,7 +414,7 @@ class _SpatialSide:
         return self._transposed("x", lambda: self.x.transpose(1, 2, 0))
 
     def xn_t(self):
-        return self._transposed("xn", lambda: self.xn.transpose(1, 2, 0))
+        return self._transposed("xn", lambda: self.xn.transpose(1, 2, 3, 0))
 
     def root_t(self):
         return self._transposed("root", lambda: self.root.T)
@@ -501,8 +502,7 @@ class GramPlan:
         sides, diags, largest = [], [], []
         for x in (x1,) if self.symmetric else (x1, x2):
             flat = np.ascontiguousarray(x.reshape(len(x), -1, x.shape[-1]))
-            norms = np.sqrt(np.einsum("npc,npc->np", flat, flat))
-            xn = flat / np.where(norms > 0, norms, 1.0)[:, :, None]
+            xn = _normalise(flat)
             if program.pairs:
                 var = np.zeros((len(x), program.table_width))
                 root = np.zeros_like(var)
@@ -521,7 +521,7 @@ class GramPlan:
                 status = np.full(1, -1, dtype=np.int64)
                 nngp, ntk = _fused_spatial.self_rows(
                     flat, xn, np.ascontiguousarray(flat.transpose(1, 2, 0)),
-                    np.ascontiguousarray(xn.transpose(1, 2, 0)), var, root, root_t,
+                    np.ascontiguousarray(xn.transpose(1, 2, 3, 0)), var, root, root_t,
                     program.codes, program.prm, program.geo, program.imap, program.offsets,
                     program.positions, self.n_slots, status)
                 _check_status(status)
@@ -819,8 +819,13 @@ def _mirror_block(out, r0, r1, stop):
 
 
 def _normalise(x):
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    return x / np.where(norms > 0, norms, 1.0)[:, None]
+    """The inputs' unit vectors as two parts each (rows, features, 2): see
+    :func:`limitkernel._rows.unit_rows`; a zero input stays 0. Rows of x are the
+    last axis's vectors: (n, d) vectors, or (n, P, C) channels per position."""
+    flat = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float64)
+    out = np.empty(flat.shape + (2,))
+    _rows.unit_rows(flat, out)
+    return out.reshape(x.shape + (2,))
 
 
 def _twin_pairs(x1, x2):
@@ -951,7 +956,8 @@ def _chunks(n, m, in_place):
 def _check_memory(n, m, d, dt, count, memory_limit, scratch=True):
     """Refuse ``count`` (n, m) outputs of dtype ``dt`` that would not fit, with
     the float64 GEMM scratch of a float32 output (``scratch``)."""
-    need = count * n * m * dt.itemsize + 2 * (n + m) * d * 8
+    # the inputs and their unit vectors (two parts each)
+    need = count * n * m * dt.itemsize + 3 * (n + m) * d * 8
     if scratch and dt != np.float64:
         need += 8 * _chunk_rows(n, m) * m
     limit = memory_limit if memory_limit is not None else available_memory()

@@ -100,6 +100,21 @@ def test_nearly_identical_images_keep_full_precision(spec):
         np.testing.assert_allclose(got["ntk"][0, j], t12, rtol=RTOL, atol=0)
 
 
+def test_sequences_closer_than_1e9_through_sign_keep_full_precision():
+    # Found by the mpmath fuzz campaign: two sequences 1e-10 apart, whose NTK
+    # erred by 1.2e-12 while each position's unit vector was held in one part.
+    x = np.array([[[0.1257302210933933, -0.1321048632913019],
+                   [0.6404226504432821, 0.10490011715303971]],
+                  [[0.1257302210725978, -0.1321048632772642],
+                   [0.6404226504939053, 0.10490011718980685]]])
+    spec = ("conv(k=1, padding=same, width=1), sign, conv(k=1, padding=same, width=3), "
+            "abs, flatten, dense")
+    got = lk.kernel(spec, x)
+    (_, k12, _), (_, t12, _) = spatial_kernel_mp(spec, x[0], x[1], dps=50)
+    np.testing.assert_allclose(got["nngp"][0, 1], k12, rtol=RTOL, atol=0)
+    np.testing.assert_allclose(got["ntk"][0, 1], t12, rtol=RTOL, atol=0)
+
+
 def test_after_pooling_nearly_identical_images_meet_the_documented_bound():
     """Pooling averages correlated terms, so 1 − ρ after it has an absolute error
     of about 1e-16; a later ReLU's NTK factor (π − θ)/(2π) then errs by about

@@ -42,3 +42,22 @@ def test_transpose_into_matches_numpy(n, t, seed):
     _rows.transpose_into(dest[1, :t], src)
     np.testing.assert_array_equal(dest[1, :t], src.T)
     assert np.isnan(dest[1, t:]).all() and np.isnan(dest[0]).all()
+
+
+def test_unit_rows_hold_unit_vectors_to_twice_float64():
+    # Against 60-digit mpmath: the two parts sum to x/|x| within about ε² (1e-32),
+    # at scales 1e-100 to 1e100; a zero row stays 0.
+    import mpmath
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, 9)) * np.array([1.0, 1e100, 1e-100, 3.0, 1e-5, 0.0])[:, None]
+    x[3, :4] = 0.0
+    out = np.empty(x.shape + (2,))
+    _rows.unit_rows(x, out)
+    with mpmath.workdps(60):
+        for row, parts in zip(x[:5], out[:5]):
+            norm = mpmath.sqrt(mpmath.fsum(mpmath.mpf(v) ** 2 for v in row))
+            for v, (high, low) in zip(row, parts):
+                assert abs(mpmath.mpf(high) + mpmath.mpf(low) - mpmath.mpf(v) / norm) <= 1e-31
+                assert abs(low) <= 2.0 ** -52 * abs(high)
+    np.testing.assert_array_equal(out[5], 0.0)
