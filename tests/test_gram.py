@@ -10,6 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 import limitkernel as lk
 from limitkernel.gram import DegenerateKernelWarning
+from limitkernel.layers.numerical import SeriesTruncationWarning
 
 RELU3 = "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.05)"
 SPECS = [
@@ -144,6 +145,23 @@ def test_float32_output_is_rounded_float64():
         assert f32[kind].dtype == np.float32
         # Arithmetic is float64, so only the final rounding (2^-24) remains.
         np.testing.assert_allclose(f32[kind], f64[kind], rtol=2 ** -24, atol=0)
+
+
+def test_a_dense_layer_gives_a_pair_the_same_correlation_in_either_order():
+    # Found by fuzzing: 1-d inputs are exactly antiparallel here, and a dense
+    # layer rounded the pair's ρ differently as (x, x') and as (x', x) (its two
+    # inverse roots applied in argument order); tanh's 2000-term series at
+    # |ρ| = 1 then turned that ulp into 4.4e-14 of the NTK between kernel(x)
+    # and kernel(x, x.copy()).
+    spec = ("dense(w_std=1.25, parameterization=standard, width=1), tanh, "
+            "dense(parameterization=standard)")
+    x = np.array([[12.57302210933933], [-13.21048632913019]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SeriesTruncationWarning)  # variance 250
+        sym, cross = lk.kernel(spec, x), lk.kernel(spec, x, x.copy())
+    for kind in ("nngp", "ntk"):
+        np.testing.assert_array_equal(cross[kind], cross[kind].T)
+        np.testing.assert_array_equal(sym[kind], cross[kind])
 
 
 def test_outputs_start_on_a_cache_line():

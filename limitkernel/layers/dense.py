@@ -133,12 +133,16 @@ def dense_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
             # subnormal) or huge variances neither underflow nor overflow.
             inv1 = 1.0 / n11
             inv2 = 1.0 / n22[j]
-            rho_new = (new * inv1) * inv2
+            # The two factors in the same order for (x, x') and (x', x), so that
+            # kernel(x, x') is the transpose of kernel(x', x) to the last bit.
+            first = min(inv1, inv2)
+            second = max(inv1, inv2)
+            rho_new = (new * first) * second
             if rho_new > 0.0:
                 r = (r11 * inv1) * (r22[j] * inv2)
                 u = (r11 - r22[j]) * (math.sqrt(inv1) * math.sqrt(inv2))
                 det = w_var * w_var * r * r * cj * (2.0 - cj) + w_var * (
-                    b_var * inv1) * inv2 * (u * u + 2.0 * r * cj)
+                    b_var * first) * second * (u * u + 2.0 * r * cj)
                 cn = det / (1.0 + rho_new)
             else:
                 cn = 1.0 - rho_new
