@@ -382,3 +382,25 @@ def test_parallel_between_inputs_of_very_different_norms():
     (k11, k12, k22), (t11, t12, t22) = kernel_mp(spec, x[0], x[1], dps=120)
     assert abs(got["nngp"][0, 1] - k12) <= 1e-13 * np.sqrt(float(k11 * k22))
     assert abs(got["ntk"][0, 1] - t12) <= 1e-13 * np.sqrt(float(t11 * t22))
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 1)])
+def test_a_sum_of_branches_at_variances_of_1e182_matches_mpmath(shape):
+    # Found by fuzzing: the sum's 1 − ρ squared a difference of products of
+    # roots (of the order of the variances), which overflowed from variances of
+    # 1e154 on; 1 − ρ became 2 and the ReLU after the block gave K = 0 where
+    # mpmath has 4.5e181. Vectors and sequences go through the same sum.
+    from reference import kernel_mp, spatial_kernel_mp
+
+    base = np.array([[-6.31141575765397e+91, 9.29137500973796e+91, 3.381451618345425e+90],
+                     [-7.160322751623924e+91, 1.7553212806147815e+92, -9.488855761079737e+91]])
+    if len(shape) == 1:
+        x, head, run = base, "dense(w_std=0.1)", kernel_mp
+    else:
+        x, head, run = base.reshape((2,) + shape), "conv(k=1, w_std=0.1)", spatial_kernel_mp
+    tail = ", flatten, dense" if len(shape) > 1 else ", dense"
+    spec = f"{head}, residual(beta=-1.26)[relu, {head.replace('0.1', '0.591')}], relu" + tail
+    got = lk.kernel(spec, x)
+    (_, k12, _), (_, t12, _) = run(spec, x[0], x[1], dps=60)
+    np.testing.assert_allclose(got["nngp"][0, 1], k12, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(got["ntk"][0, 1], t12, rtol=1e-13, atol=0)

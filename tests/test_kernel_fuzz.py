@@ -557,6 +557,10 @@ def _allowance(case, trace, side):
             near = _theta_error(minus, dc) if lossy else 0.0
             k_extra += wk * (anti + near)
             t_extra += wt * (anti + near) + wk * (anti + near)
+            # Step's and sign's K is the angle: the 1 ± ρ after them carries its
+            # error, and a later angle takes the root of it again (README: a
+            # second sign layer at antiparallel positions).
+            dc = max(dc, wk * (anti + near))
         if layer.name in LOSSY or getattr(layer, "series", False):
             lossy = True
         if layer.name in ("step", "sign") and _correlations(before, case.spatial, side)[0] < 1e-18:

@@ -344,7 +344,13 @@ def add_row(q12, one_minus_rho, ntk, aq, ac, at, r11, r22, s11, s22, n11, n22, w
         # very different norms.
         lag = 0.0 if (x1 == x2 and y1 == y2) else x1 * y2 - x2 * y1
         if nrm > 0.0:
-            cn = (lag * lag / (nrm + xx + yy) + xx * ac[j] + yy * one_minus_rho[j]) / nrm
+            # Each term divided by t1 t2 before it is summed, and lag² as a
+            # product of two ratios: lag is of the order of the variances, and
+            # its square overflowed from variances of 1e154 on (found by fuzzing:
+            # 1 − ρ became 2, and a later ReLU gave K = 0 at variances of 1e182).
+            inv = 1.0 / nrm
+            cn = (lag * inv) * (lag / (nrm + xx + yy)) + (xx * inv) * ac[j] + \
+                (yy * inv) * one_minus_rho[j]
         else:
             cn = 0.0
         one_minus_rho[j] = min(max(cn, 0.0), 2.0)
