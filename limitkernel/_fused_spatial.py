@@ -25,7 +25,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._fused import NEAR_DUPLICATE, apply_row_op
+from ._fused import NEAR_DUPLICATE, apply_row_op, unit_difference
 from ._numba import jit, jit_parallel
 from .layers.blocks import OP_ADD, OP_LOAD, OP_SAVE, add_row
 from .layers.conv import (
@@ -94,9 +94,7 @@ def init_rows(k, c, x1, x1n, i, x2t, x2nt, j0, j1, root_row, root_colt):
                 # 1 − ρ = |x̂ − x̂'|²/2 for unit vectors: no cancellation.
                 acc = 0.0
                 for ch in range(channels):
-                    # x̂ − x̂' from the two parts of each unit vector.
-                    d = (x1n[i, p, ch, 0] - x2nt[p, ch, 0, j0 + j]) + \
-                        (x1n[i, p, ch, 1] - x2nt[p, ch, 1, j0 + j])
+                    d = unit_difference(x1n[i, p, ch], x2nt[p, ch, :, j0 + j])
                     acc += d * d
                 cp[j] = 0.5 * acc
 

@@ -134,7 +134,7 @@ def dense_row(q12, one_minus_rho, ntk, r11, r22, n11, n22, p, want_ntk):
             inv1 = 1.0 / n11
             inv2 = 1.0 / n22[j]
             # The two factors in the same order for (x, x') and (x', x), so that
-            # kernel(x, x') is the transpose of kernel(x', x) to the last bit.
+            # this layer gives the pair the same ρ whichever input is the row.
             first = min(inv1, inv2)
             second = max(inv1, inv2)
             rho_new = (new * first) * second
