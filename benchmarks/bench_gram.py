@@ -10,6 +10,8 @@ the peak resident memory of every method is measured separately:
                    (``_numpy_reference.py``),
 * ``limitkernel``  ``limitkernel.kernel(spec, x, None, get=("nngp", "ntk"),
                    dtype=dtype)``,
+* ``products32``   the same with ``precision="float32"`` (the input products
+                   x·x' as a float32 GEMM; float32 output only),
 * ``nt``           Neural Tangents (JAX, CPU) under the Python of a separate
                    environment (``_nt_worker.py``),
 
@@ -24,8 +26,9 @@ the time is the best of ``--repeats`` calls for N <= ``--repeat-max-n`` and of
 a single call above. The table shows the time, the absolute peak RSS
 of the worker process (``ru_maxrss``, including the interpreter, the inputs
 and the output), the ratios to the floor and to the full GEMM, the ratio
-Neural Tangents / limitkernel and, for limitkernel in float32, its largest
-error against float64 on the first rows. See README.rst in this folder.
+Neural Tangents / limitkernel (in the summary, also Neural Tangents /
+products32) and, for limitkernel in float32, its largest error against float64
+on the first rows. See README.rst in this folder.
 """
 
 import argparse
@@ -51,12 +54,13 @@ SPEC_TEXT = "3 * [dense(w_std=1.5, b_std=0.05), relu], dense(w_std=1.5, b_std=0.
 INPUT_DIM = 784
 DEFAULT_NS = (1000, 2000, 4000, 8000, 16000)
 DEFAULT_DTYPES = ("float64", "float32")
-METHODS = ("floor", "gemm", "numpy", "limitkernel", "nt")
+METHODS = ("floor", "gemm", "numpy", "limitkernel", "products32", "nt")
 LABELS = {
     "floor": "floor (x @ x.T)",
     "gemm": "gemm (x @ x.T.copy())",
     "numpy": "numpy layer-by-layer",
     "limitkernel": "limitkernel",
+    "products32": "limitkernel, f32 x·x'",
     "nt": "neural-tangents",
 }
 DEFAULT_NT_PYTHON = Path("/work/nt-venv/bin/python")
@@ -109,7 +113,7 @@ def _make_method(method, dtype, gram_method="syrk"):
                 raise ValueError("the numpy baseline computes x against itself only")
             return _numpy_reference.nngp_ntk(x, gram_method=gram_method)
 
-    elif method == "limitkernel":
+    elif method in ("limitkernel", "products32"):
         if (REPO_ROOT / "limitkernel").is_dir():
             sys.path.insert(0, str(REPO_ROOT))
         import limitkernel
@@ -117,9 +121,11 @@ def _make_method(method, dtype, gram_method="syrk"):
         versions["limitkernel"] = getattr(limitkernel, "__version__", "?")
         kernel = limitkernel.kernel
         np_dtype = np.dtype(dtype)
+        precision = "float32" if method == "products32" else "float64"
 
         def run(x, x2):
-            return kernel(SPEC_TEXT, x, x2, get=("nngp", "ntk"), dtype=np_dtype)
+            return kernel(SPEC_TEXT, x, x2, get=("nngp", "ntk"), dtype=np_dtype,
+                          precision=precision)
 
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -198,7 +204,7 @@ def worker_main(argv):
         if args.save and isinstance(out, dict):
             np.savez(args.save, **{k: np.asarray(v) for k, v in out.items()})
         extra = {}
-        if args.worker == "limitkernel" and args.dtype == "float32":
+        if args.worker in ("limitkernel", "products32") and args.dtype == "float32":
             extra["f32_error"] = _float32_error(out, x, x2)
         _emit(
             {
@@ -331,6 +337,9 @@ def _run_cell(method, n, dtype, x_path, args, mem_limit, nt_python, save_dir,
               x2_path=None):
     """Run (or skip) one method at one (N, dtype); return its result dict."""
     itemsize = np.dtype(dtype).itemsize
+    if method == "products32" and dtype != "float32":
+        return {"status": "skipped", "error": "input products in float32 are for float32 "
+                "output only"}
     if method == "numpy" and x2_path is not None:
         return {"status": "skipped", "error": "the numpy baseline computes x against "
                 "itself only"}
@@ -471,7 +480,8 @@ def _fmt_error(result):
 
 
 def _row(n, dtype, method, res, group):
-    nt_over_lk = _ratio(res, group.get("limitkernel")) if method == "nt" else ""
+    nt_over_lk = (_ratio(res, group.get("limitkernel")) if method == "nt" else
+                  _ratio(group.get("nt"), res) if method == "products32" else "")
     return _format_row((n, dtype, _label(method, res), _fmt_time(res), _fmt_rss(res),
                         _ratio(res, group.get("floor")), _ratio(res, group.get("gemm")),
                         nt_over_lk, _fmt_error(res)))
@@ -586,7 +596,8 @@ def driver_main(argv):
         else:
             print("/ floor, / gemm: time over numpy's x @ x.T (syrk) and over "
                   "x @ x.T.copy() (gemm) for the same N and dtype. NT / lk: Neural "
-                  "Tangents time over limitkernel time.")
+                  "Tangents time over limitkernel time (on the f32 x·x' row: over "
+                  "that row's time).")
         print(f"f32 err: limitkernel float32 against limitkernel float64 on the "
               f"first {ERROR_ROWS} rows, max |a - b| / sqrt(K(x, x) K(x', x')) over "
               "both kernels (per kernel, and relative to each entry, below).")
@@ -596,11 +607,12 @@ def driver_main(argv):
               "outputs and all), 1 GB = 1e9 bytes.")
 
         for (n, dtype), group in results.items():
-            errors = (group.get("limitkernel") or {}).get("f32_error")
-            if errors:
-                print(f"  N={n} float32 vs float64: " + "; ".join(
-                    f"{kind} {e['diag']:.2e} of sqrt(K(x,x)K(x',x')), {e['entry']:.2e} "
-                    "of the entry" for kind, e in errors.items()))
+            for method in ("limitkernel", "products32"):
+                errors = (group.get(method) or {}).get("f32_error")
+                if errors:
+                    print(f"  N={n} {LABELS[method]} float32 vs float64: " + "; ".join(
+                        f"{kind} {e['diag']:.2e} of sqrt(K(x,x)K(x',x')), "
+                        f"{e['entry']:.2e} of the entry" for kind, e in errors.items()))
         notes = []
         for (n, dtype), group in results.items():
             for method, res in group.items():

@@ -58,7 +58,7 @@ from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layerno
 from .layers.numerical import OP_HERMITE, hermite_diagonal, hermite_row, hermite_rows
 
 __all__ = ["DISPATCHED", "NEAR_DUPLICATE", "CACHE_LINE", "ROW_GROUP_SERIES", "apply_row_op",
-           "gram_block", "init_row", "run_ops", "self_rows", "unit_difference"]
+           "gram_block", "init_row", "run_ops", "self_rows", "unit_difference", "unit_sum"]
 
 # Every opcode the passes run (this one, and those of positions in
 # :mod:`limitkernel._fused_spatial`); an op a pass does not know leaves its code
@@ -96,22 +96,38 @@ def unit_difference(a, b):
 
 
 @jit
-def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym):
+def unit_sum(a, b):
+    """x̂ + x̂' in one component, from the two parts of each unit vector."""
+    return (a[0] + b[0]) + (a[1] + b[1])
+
+
+@jit
+def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym, unit=False,
+             near=NEAR_DUPLICATE):
     """Input layer: q12 = x·x'/d from the GEMM, and an accurate 1 - ρ.
 
     ``s1``, ``s2`` are the inputs' norms/√d, ``v1``, ``v2`` their squares as
     the diagonals hold them: a pair of identical inputs (the same unit vector
-    and norm) takes exactly the diagonal's value, not the GEMM's.
+    and norm) takes exactly the diagonal's value, not the GEMM's. With
+    ``unit`` the GEMM is of the unit vectors (it holds ρ itself, and ``scale``
+    is not used). 1 − ρ is recomputed from the unit vectors below ``near``,
+    and with ``unit`` 1 + ρ too.
     """
     n = q12.shape[0]
-    for j in range(n):
-        q = q12[j] * scale
-        q12[j] = q
-        norm = s1 * s2[j]
-        one_minus_rho[j] = 1.0 - q / norm if norm > 0.0 else 1.0
+    if unit:
+        for j in range(n):
+            rho = q12[j]
+            q12[j] = rho * (s1 * s2[j])
+            one_minus_rho[j] = 1.0 - rho
+    else:
+        for j in range(n):
+            q = q12[j] * scale
+            q12[j] = q
+            norm = s1 * s2[j]
+            one_minus_rho[j] = 1.0 - q / norm if norm > 0.0 else 1.0
     d = x1n.shape[1]
     for j in range(n):
-        if one_minus_rho[j] < NEAR_DUPLICATE:
+        if one_minus_rho[j] < near:
             # 1 - ρ = |x̂ - x̂'|² / 2 for unit vectors x̂, x̂': no cancellation,
             # and each held in two parts, so that their difference keeps its
             # relative precision however close the inputs are.
@@ -120,8 +136,21 @@ def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym):
                 diff = unit_difference(x1n[i, k], x2n[j0 + j, k])
                 acc += diff * diff
             one_minus_rho[j] = 0.5 * acc
+            if unit:
+                # The float32 product's ρ, replaced by the float64 one.
+                q12[j] = (1.0 - one_minus_rho[j]) * (s1 * s2[j])
             if acc == 0.0 and s1 == s2[j]:
                 q12[j] = v1
+        elif unit and one_minus_rho[j] > 2.0 - near:
+            # Nearly antiparallel: the angle's slope at θ ≈ π would amplify the
+            # float32 product's error too, so ρ = |x̂ + x̂'|²/2 − 1 in float64,
+            # as accurate as float64 products give it.
+            acc = 0.0
+            for k in range(d):
+                both = unit_sum(x1n[i, k], x2n[j0 + j, k])
+                acc += both * both
+            one_minus_rho[j] = 2.0 - 0.5 * acc
+            q12[j] = (0.5 * acc - 1.0) * (s1 * s2[j])
     if sym and j0 == i:
         one_minus_rho[0] = 0.0
         q12[0] = v1
@@ -201,12 +230,14 @@ def run_ops(l0, l1, q12, one_minus_rho, ntk, stash, rho, acc, i, j0, roots1, roo
 
 
 @jit_parallel
-def gram_block(g, k_out, t_out, r0, c0, sym, mirror, scale, x1n, x2n, roots1, roots2, var1,
-               var2, codes, prm, h1, h2, hd1, hd2, status, want_nngp, want_ntk):
+def gram_block(g, k_out, t_out, r0, c0, sym, mirror, scale, unit, near, x1n, x2n, roots1,
+               roots2, var1, var2, codes, prm, h1, h2, hd1, hd2, status, want_nngp, want_ntk):
     """Fill rows r0 .. r0 + len(g) of the outputs, columns c0 .. c0 + g.shape[1].
 
     ``g[ii, jj]`` holds x_{r0+ii} · x'_{c0+jj} (unscaled) on entry (a scratch
-    buffer, read only). ``roots1[l], roots2[l]`` are the square roots of the
+    buffer, read only), or with ``unit`` x̂_{r0+ii} · x̂'_{c0+jj} of the unit vectors;
+    1 − ρ is recomputed from the unit vectors ``x1n``, ``x2n`` where it is below
+    ``near`` (:func:`init_row`). ``roots1[l], roots2[l]`` are the square roots of the
     diagonals entering op l (row l = 0 is the input layer), ``var1``, ``var2``
     the input layer's diagonals themselves. With ``sym`` only the entries with
     column >= row are computed; with ``mirror`` as well (a square output whose
@@ -262,7 +293,7 @@ def gram_block(g, k_out, t_out, r0, c0, sym, mirror, scale, x1n, x2n, roots1, ro
             for jj in range(n):
                 q[jj] = g[ii, start + jj]
             init_row(q, one_minus_rho[gg, :n], scale, i, j0, x1n, x2n, roots1[0, i],
-                     roots2[0, j0:j0 + n], var1[i], var2[j0:j0 + n], sym)
+                     roots2[0, j0:j0 + n], var1[i], var2[j0:j0 + n], sym, unit, near)
         # The ops in stretches between Hermite-series ops: each row runs a
         # stretch on its own (its state stays in cache), the group runs the
         # series together.

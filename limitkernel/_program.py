@@ -302,8 +302,9 @@ class Program:
         Parameter rows, each packed in its kind's ``row_params`` order.
     n_slots : int
         Stash slots the program uses.
-    chi : float or None
-        After :meth:`diagonals`: the network's correlation slope at ρ = 1.
+    chi, chi_max : float or None
+        After :meth:`diagonals`: the network's correlation slope at ρ = 1, the
+        median and the largest over the inputs.
     """
 
     def __init__(self, spec, input_shape, check_limit=True):
@@ -342,7 +343,7 @@ class Program:
         # they start in the per-input tables of diagonals.
         self.positions = np.array([op.positions for op in self.ops] + [1], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.positions[:-1])]).astype(np.int64)
-        self.chi = None
+        self.chi = self.chi_max = None
 
     @property
     def table_width(self):
@@ -405,6 +406,7 @@ class Program:
         # The network's correlation slope dρ_out/dρ_in at ρ = 1 (the mean-field χ
         # of the whole stack): < 1 ordered, > 1 chaotic.
         self.chi = float(np.median(slope)) if slope.size else None
+        self.chi_max = float(np.max(slope)) if slope.size else None
         return roots, q, state.theta
 
     def hermite_tables(self, roots):

@@ -165,6 +165,9 @@ def _cmd_kernel(args):
     x1 = load_array(args.x)
     x2 = load_array(args.x2) if args.x2 else None
     get = _check_get(tuple(k.strip() for k in args.get.split(",") if k.strip()))
+    if args.precision == "float32" and args.dtype != "float32":
+        raise CLIError("--precision float32 (input products in float32) is for float32 "
+                       "output only: add --dtype float32")
     if store is not None:
         _kernel_to_store(args, store, spec, x1, x2, get)
         return
@@ -173,7 +176,8 @@ def _cmd_kernel(args):
                        "(or --store DIR for a tile store)")
     start = time.perf_counter()
     _announce_compilation()
-    out = kernel(spec, x1, x2, get=get, dtype=args.dtype, progress=args.progress)
+    out = kernel(spec, x1, x2, get=get, dtype=args.dtype, progress=args.progress,
+                 precision=args.precision)
     elapsed = time.perf_counter() - start
     save_npz(args.out, out)
     shape = "x".join(str(s) for s in next(iter(out.values())).shape)
@@ -215,7 +219,7 @@ def _kernel_to_store(args, path, spec, x1, x2, get):
     _announce_compilation()
     # A repaired store or an unlockable file system warns: one line each (see main).
     kernel_to_store(spec, x1, x2, path=path, get=get, dtype=args.dtype,
-                    memory=args.memory, scheduler=args.scheduler,
+                    precision=args.precision, memory=args.memory, scheduler=args.scheduler,
                     progress=True if args.progress else None)
     elapsed = time.perf_counter() - start
     state = status(path)
@@ -497,6 +501,11 @@ def build_parser():
     p.add_argument("--x2", help="second input set (m, d); default: x with itself")
     p.add_argument("--get", default="nngp,ntk", help="kernels to compute (default nngp,ntk)")
     p.add_argument("--dtype", default="float64", choices=("float64", "float32"))
+    p.add_argument("--precision", default="float64", choices=("float64", "float32"),
+                   help="precision of the input products x·x' (default float64); float32, "
+                        "with --dtype float32 only, is about twice as fast and errs by up to "
+                        "2e-5·max(1, χ) of sqrt(K(x,x)K(x',x')) (χ: the network's "
+                        "correlation slope at ρ = 1)")
     p.add_argument("--out",
                    help="output .npz with arrays nngp and ntk (computed in memory); a path "
                         "without an extension is read as --store")

@@ -271,9 +271,12 @@ def _describe(spec, plan, x1, x2, kinds, dtype):
         "spec": str(spec), "shape": list(plan.shape), "kinds": list(kinds),
         "dtype": np.dtype(dtype).name, "symmetric": x2 is None, "parts": parts,
     }
+    if plan.precision != "float64":
+        # Only then: the manifests (and fingerprints) of other stores are unchanged.
+        meta["precision"] = plan.precision
     meta["fingerprint"] = _sha(_FORMAT, json.dumps(
-        {k: meta[k] for k in ("shape", "kinds", "dtype", "symmetric", "parts")},
-        sort_keys=True))
+        {k: meta[k] for k in ("shape", "kinds", "dtype", "precision", "symmetric", "parts")
+         if k in meta}, sort_keys=True))
     return meta
 
 
@@ -296,6 +299,8 @@ def _explain_mismatch(path, old, new):
             f"({why.split(': ', 1)[1]}), so it is never resumed: give a new path, or "
             "delete this one to start afresh")
     diffs = [name for name in ("shape", "kinds", "dtype") if old[name] != new[name]]
+    if old.get("precision", "float64") != new.get("precision", "float64"):
+        diffs.append("precision (of the input products)")
     if old["symmetric"] != new["symmetric"]:
         diffs.append("x2 (given or not)")
     changed = [name for name in _PART_NAMES if old["parts"][name] != new["parts"][name]]
@@ -942,18 +947,19 @@ def _check_store_path(path):
 
 
 def kernel_to_store(spec, x1, x2=None, path=None, get=KINDS, dtype="float64", memory=None,
-                    scheduler=None, progress=None, tile=None, verify=True):
+                    scheduler=None, progress=None, tile=None, verify=True,
+                    precision="float64"):
     """Write the Gram matrices to an on-disk store, tile by tile; resume if interrupted.
 
     Parameters
     ----------
-    spec, x1, x2, get, dtype
+    spec, x1, x2, get, dtype, precision
         As for :func:`limitkernel.kernel`.
     path : str or path-like
         Directory of the store; created if missing. Rerunning with the same
         arguments finishes the missing tiles and recomputes damaged ones; a
         store of a different computation (spec, activation functions, inputs,
-        kinds, dtype or package version) is refused (:class:`StoreError`), and
+        kinds, dtype, precision or package version) is refused (:class:`StoreError`), and
         so is a store whose manifest is damaged.
     memory : int or str, optional
         Memory budget per process, e.g. ``"4GB"`` (default: the smaller of 4 GiB
@@ -1004,7 +1010,7 @@ def kernel_to_store(spec, x1, x2=None, path=None, get=KINDS, dtype="float64", me
     if tile is not None and (int(tile) != tile or tile < 1):
         raise ValueError(f"tile must be a positive integer, got {tile!r}")
     budget = parse_memory(memory)
-    plan = prepare(spec, x1, x2, get, dtype)
+    plan = prepare(spec, x1, x2, get, dtype, precision)
     meta = _describe(spec, plan, x1, x2, plan.kinds, plan.dtype)
     in_flight = 1 if scheduler is not None else 2
     meta["tile"] = int(tile) if tile is not None else _tile_size(plan, budget, in_flight)

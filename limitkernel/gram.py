@@ -23,6 +23,23 @@ __all__ = ["KINDS", "GramPlan", "MemoryBudgetError", "kernel", "kernel_diag",
            "prepare"]
 
 KINDS = ("nngp", "ntk")
+# The precisions of the input products x·x' (the one GEMM): "float32" multiplies
+# the unit vectors rounded to float32 (about twice as fast, float32 output only).
+PRECISIONS = ("float64", "float32")
+# With input products in float32, 1 − ρ is recomputed in float64 from the unit
+# vectors below this value rather than below _fused.NEAR_DUPLICATE: the angle's
+# slope (1/sin θ) would amplify the products' float32 error there (at 1e-3, up
+# to 5.6e-5 of the NTK's scale was measured; at 1e-2, 9.3e-6).
+NEAR_DUPLICATE_FLOAT32 = 1e-2
+# The stated error of kernels from float32 input products, in units of
+# √(K(x, x) K(x', x')) and per unit of the network's correlation slope χ at
+# ρ = 1 (at least 1): the products' ρ errs by a few 1e-7 and a layer passes an
+# error in ρ on by at most its slope. The largest error measured per unit χ was
+# 5.8e-6 (d from 4 to 4096, 1 − ρ from 3e-3 to 3, relu, step, sign, erf, tanh,
+# gelu networks of 1 to 20 layers; tests/test_kernel_fuzz.py checks it on random
+# networks). Above _FLOAT32_PRODUCTS_WARN, the call warns with its bound.
+FLOAT32_PRODUCTS_ERROR = 2e-5
+_FLOAT32_PRODUCTS_WARN = 1e-4
 
 # Row blocks are sized so that one block of the GEMM holds about this many bytes.
 _BLOCK_BYTES = 64 << 20
@@ -115,6 +132,24 @@ def _check_dtype(dtype):
     if dt not in (np.float64, np.float32):
         raise ValueError(f"dtype must be float64 or float32, got {dt}")
     return dt
+
+
+def _check_precision(precision, dt):
+    """``precision`` (of the input products) as "float64" or "float32", or a clear
+    ValueError; "float32" only for float32 output."""
+    try:
+        name = np.dtype(precision).name
+    except (TypeError, ValueError):
+        name = None
+    if name not in PRECISIONS or isinstance(precision, (bool, np.bool_)):
+        raise ValueError(f"precision must be 'float64' or 'float32' (of the input products "
+                         f"x·x'), got {precision!r}")
+    precision = name
+    if precision == "float32" and dt != np.float32:
+        raise ValueError("precision='float32' (input products in float32) is for float32 "
+                         "output only; pass dtype='float32' as well, or leave precision at "
+                         "'float64'")
+    return precision
 
 
 def _check_memory_limit(memory_limit):
@@ -348,16 +383,18 @@ class _Side:
     """What the fused pass needs of the rows (or the columns) of a Gram matrix.
 
     ``x`` the inputs, ``xn`` (n, d, 2) their unit vectors in two parts
-    (:func:`_normalise`), ``roots`` (L + 1, n)
+    (:func:`_normalise`), ``unit32`` (n, d) those rounded to float32 for a float32
+    GEMM (or None), ``roots`` (L + 1, n)
     the square roots of the diagonals entering each layer, ``var0`` (n,) the
     input layer's diagonals, ``h``, ``hd`` the Hermite tables of the numerical
     layers: (T, n, terms) for rows, (T, terms, n) for columns (``axis`` is the
     axis of ``h`` that runs over inputs).
     """
 
-    def __init__(self, x, xn, roots, var0, h, hd, axis):
+    def __init__(self, x, xn, roots, var0, h, hd, axis, unit32=None):
         self.x, self.xn, self.roots, self.var0 = x, xn, roots, var0
         self.h, self.hd, self.axis = h, hd, axis
+        self.unit32 = unit32
 
     def __len__(self):
         return self.x.shape[0]
@@ -365,8 +402,8 @@ class _Side:
     @property
     def nbytes(self):
         """Bytes held: inputs, unit-norm copies, diagonals, Hermite tables."""
-        return sum(a.nbytes for a in (self.x, self.xn, self.roots, self.var0, self.h,
-                                      self.hd))
+        arrays = (self.x, self.xn, self.roots, self.var0, self.h, self.hd, self.unit32)
+        return sum(a.nbytes for a in arrays if a is not None)
 
     def part(self, a, b):
         """Inputs a .. b - 1, as C-contiguous copies (one compiled layout)."""
@@ -375,7 +412,8 @@ class _Side:
         cut = (slice(None),) * self.axis + (slice(a, b),)
         return _Side(self.x[a:b], self.xn[a:b], np.ascontiguousarray(self.roots[:, a:b]),
                      self.var0[a:b], np.ascontiguousarray(self.h[cut]),
-                     np.ascontiguousarray(self.hd[cut]), self.axis)
+                     np.ascontiguousarray(self.hd[cut]), self.axis,
+                     None if self.unit32 is None else self.unit32[a:b])
 
 
 class _SpatialSide:
@@ -448,13 +486,25 @@ class GramPlan:
         The kernels computed ("nngp", "ntk").
     dtype : numpy.dtype
         Output dtype.
+    precision : str
+        Of the input products x·x' ("float64", or "float32": a float32 GEMM of
+        the unit vectors, float32 output only).
+    products_error : float
+        With float32 products, the stated bound of their error in the kernels,
+        relative to √(K(x, x) K(x', x')) (``FLOAT32_PRODUCTS_ERROR`` · max(1, χ));
+        0 otherwise.
     nngp_diag, ntk_diag : (n1,) arrays
         K(x, x) and Θ(x, x) of the row inputs.
     """
 
-    def __init__(self, spec, x1, x2, kinds, dtype):
+    def __init__(self, spec, x1, x2, kinds, dtype, precision="float64"):
         program = Program(spec, x1.shape[1:])
         self.kinds, self.dtype = kinds, dtype
+        self.precision = _check_precision(precision, dtype)
+        self.products_error = 0.0
+        # The GEMM is of the float32 unit vectors (and holds ρ), or of the inputs.
+        self.unit = self.precision == "float32" and program.spatial is None
+        self.near = NEAR_DUPLICATE_FLOAT32 if self.unit else _fused.NEAR_DUPLICATE
         self.symmetric = x2 is None
         self.want_ntk = "ntk" in kinds
         self.n_features = int(np.prod(x1.shape[1:]))
@@ -480,11 +530,37 @@ class GramPlan:
         self.nngp_diag, self.ntk_diag = sides[0]["nngp"], sides[0]["ntk"]
         x1n = _normalise(x1)
         x2n = x1n if self.symmetric else _normalise(x2)
+        u1 = np.ascontiguousarray(x1n[..., 0], dtype=np.float32) if self.unit else None
+        u2 = None if not self.unit else u1 if self.symmetric else \
+            np.ascontiguousarray(x2n[..., 0], dtype=np.float32)
         first, last = sides[0], sides[-1]
         self.rows = _Side(x1, x1n, first["roots"], first["var"][0],
-                          *_stack_tables(first["tables"], len(x1), False), 1)
+                          *_stack_tables(first["tables"], len(x1), False), 1, u1)
         self.cols = _Side(x2, x2n, last["roots"], last["var"][0],
-                          *_stack_tables(last["tables"], len(x2), True), 2)
+                          *_stack_tables(last["tables"], len(x2), True), 2, u2)
+        if self.unit:
+            self._check_float32_products(program, x1, x2)
+
+    def _check_float32_products(self, program, x1, x2):
+        """Warn when float32 input products may cost more than
+        ``_FLOAT32_PRODUCTS_WARN`` of the kernels' scale, with the bound."""
+        slopes = []
+        for x in (x1,) if self.symmetric else (x1, x2):
+            try:
+                program.diagonals(x)
+            except (ArithmeticError, ValueError):  # the plan was built: cannot happen
+                return
+            slopes.append(program.chi_max or 0.0)
+        chi = max(slopes)
+        self.products_error = FLOAT32_PRODUCTS_ERROR * max(1.0, chi)
+        if self.products_error > _FLOAT32_PRODUCTS_WARN:
+            warnings.warn(
+                f"precision='float32': this network multiplies errors in its inputs' "
+                f"correlations by up to χ = {chi:.3g} (its correlation slope at ρ = 1), so "
+                f"with float32 input products its kernels may err by up to "
+                f"{self.products_error:.1g} of sqrt(K(x, x) K(x', x')); use "
+                "precision='float64' (the default)", PrecisionWarning,
+                stacklevel=_caller_level())
 
     def _init_spatial(self, program, x1, x2):
         """Images or sequences: per-position tables of diagonals for both sides."""
@@ -548,10 +624,20 @@ class GramPlan:
 
     def gemm(self, rows, cols, r0, r1, c0, c1, out):
         """x_i · x'_j (unscaled) for rows r0:r1 and columns c0:c1 into ``out``
-        (float64, (r1 - r0, c1 - c0), rows of unit stride); inputs on positions
-        need none."""
-        if self.spatial is None:
+        (float64, (r1 - r0, c1 - c0), rows of unit stride); with input products
+        in float32, x̂_i · x̂'_j of the unit vectors into a float32 ``out``. Inputs
+        on positions need none."""
+        if self.spatial is not None:
+            return
+        if self.unit:
+            np.matmul(rows.unit32[r0:r1], cols.unit32[c0:c1].T, out=out)
+        else:
             np.matmul(rows.x[r0:r1], cols.x[c0:c1].T, out=out)
+
+    @property
+    def in_place(self):
+        """The outputs can hold the GEMM itself (float64, or products in float32)."""
+        return self.dtype == np.float64 or self.unit
 
     def block(self, rows, cols, r0, r1, c0, c1, g, k_out, t_out, sym, mirror=False,
               want_nngp=True):
@@ -584,8 +670,8 @@ class GramPlan:
                 for out in (k_out, t_out) if self.want_ntk else (k_out,):
                     _mirror_block(out, r0, r1, c1)
             return
-        _fused.gram_block(g, k_out, t_out, r0, c0, sym, mirror, self.scale, rows.xn,
-                          cols.xn, rows.roots, cols.roots, rows.var0, cols.var0, self.codes,
+        _fused.gram_block(g, k_out, t_out, r0, c0, sym, mirror, self.scale, self.unit,
+                          self.near, rows.xn, cols.xn, rows.roots, cols.roots, rows.var0, cols.var0, self.codes,
                           self.prm, rows.h, cols.h, rows.hd, cols.hd, status, want_nngp,
                           self.want_ntk)
         _check_status(status)
@@ -594,11 +680,13 @@ class GramPlan:
 
     def _not_finite(self, rows, cols, i, j):
         """Raise for the entry (i, j) that is not finite, naming the op that made it so."""
-        one = np.full(1, float(rows.x[i] @ cols.x[j]))
+        one = np.full(1, float(rows.unit32[i] @ cols.unit32[j]) if self.unit
+                      else float(rows.x[i] @ cols.x[j]))
         omr, ntk = np.empty(1), np.zeros(1)
         status = np.full(3, -1, dtype=np.int64)
         _fused.init_row(one, omr, self.scale, i, j, rows.xn, cols.xn, rows.roots[0, i],
-                        cols.roots[0, j:j + 1], rows.var0[i], cols.var0[j:j + 1], False)
+                        cols.roots[0, j:j + 1], rows.var0[i], cols.var0[j:j + 1], False,
+                        self.unit, self.near)
         stash, rho, acc = np.empty((0, 0)), np.empty(0), np.empty(0)
         for layer in range(len(self.codes)):
             stash, rho, acc = _fused.run_ops(
@@ -652,9 +740,9 @@ class GramPlan:
         k_out = _output((nr, nc) if want_nngp else (1, 1), self.dtype)
         t_out = _output((nr, nc) if self.want_ntk else (1, 1), self.dtype)
         rows, cols = self.rows.part(r0, r1), self.cols.part(c0, c1)
-        # float64 output holds the GEMM itself (each row is read before written).
-        g = (k_out if want_nngp else t_out) if self.dtype == np.float64 else \
-            np.empty((nr, nc))
+        # The output holds the GEMM itself where it can (each row is read before
+        # written).
+        g = (k_out if want_nngp else t_out) if self.in_place else np.empty((nr, nc))
         self.gemm(rows, cols, 0, nr, 0, nc, g)
         self.block(rows, cols, 0, nr, 0, nc, g, k_out, t_out, on_diag, on_diag, want_nngp)
         outs = {"nngp": (k_out, self.nngp_diag), "ntk": (t_out, self.ntk_diag)}
@@ -670,7 +758,7 @@ class GramPlan:
         return result
 
 
-def prepare(spec, x1, x2=None, get=KINDS, dtype="float64"):
+def prepare(spec, x1, x2=None, get=KINDS, dtype="float64", precision="float64"):
     """Validate inputs and build the :class:`GramPlan` that computes any tile.
 
     Parameters are those of :func:`kernel`. The work is O((n1 + n2)·d): the
@@ -679,6 +767,7 @@ def prepare(spec, x1, x2=None, get=KINDS, dtype="float64"):
     """
     kinds = _check_get(get)
     dt = _check_dtype(dtype)
+    _check_precision(precision, dt)
     x1 = check_inputs(x1, "x1", spatial=True)
     if x2 is not None:
         x2 = check_inputs(x2, "x2", spatial=True)
@@ -688,11 +777,11 @@ def prepare(spec, x1, x2=None, get=KINDS, dtype="float64"):
             got = (f"{x1.shape[1]} and {x2.shape[1]}" if x1.ndim == 2 == x2.ndim
                    else f"{x1.shape[1:]} and {x2.shape[1:]}")
             raise ValueError(f"x1 and x2 must have the same {what}, got {got}")
-    return GramPlan(spec, x1, x2, kinds, dt)
+    return GramPlan(spec, x1, x2, kinds, dt, precision)
 
 
 def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
-           progress=False):
+           progress=False, precision="float64"):
     """Infinite-width NNGP covariance and NTK of a fully-connected network.
 
     Parameters
@@ -708,11 +797,22 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         Which kernels to return.
     dtype : {"float64", "float32"}
         Output dtype. Arithmetic is float64 either way, so float32 output carries
-        only its own rounding (relative error ≤ 6e-8).
+        only its own rounding (relative error ≤ 6e-8), unless ``precision`` is
+        "float32".
     memory_limit : int or float, optional
         Bytes the outputs may use; defaults to the memory available now.
     progress : bool
         Show a progress bar (needs tqdm).
+    precision : {"float64", "float32"}
+        Precision of the input products x·x' (the one matrix product; all
+        arithmetic after it is float64). "float32" (with ``dtype="float32"``
+        only) multiplies the inputs' unit vectors rounded to float32, about
+        twice as fast, and recomputes 1 − ρ in float64 for pairs with
+        1 − ρ < 1e-2. Its kernels err by at most 2e-5 · max(1, χ) of
+        √(K(x, x) K(x', x')) (χ: the network's correlation slope at ρ = 1; a
+        PrecisionWarning gives the bound where it exceeds 1e-4), against
+        6e-8 of each entry with "float64". Networks on positions have no input
+        product, and there it changes nothing.
 
     Returns
     -------
@@ -731,14 +831,15 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
     per activation K ← E[φ(u)φ(v)], Θ ← Θ · E[φ'(u)φ'(v)] (Jacot et al. 2018).
     """
     memory_limit = _check_memory_limit(memory_limit)
-    plan = prepare(spec, x1, x2, get, dtype)
+    plan = prepare(spec, x1, x2, get, dtype, precision)
     sym, dt = plan.symmetric, plan.dtype
     n, m = plan.shape
     # Vectors write only the kernels asked for; the passes over positions
     # always carry K.
     want_nngp = "nngp" in plan.kinds or plan.spatial is not None
     _check_memory(n, m, plan.n_features, dt, int(want_nngp) + int(plan.want_ntk),
-                  memory_limit, scratch=plan.spatial is None)
+                  memory_limit, scratch=plan.spatial is None and not plan.in_place,
+                  unit32=plan.unit)
 
     k_out = _output((n, m) if want_nngp else (1, 1), dt)
     t_out = _output((n, m) if plan.want_ntk else (1, 1), dt)
@@ -757,13 +858,14 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         # keep their own threads, which spin for a while after their work, so
         # alternating between them block by block costs both. A float64 output
         # holds the GEMM itself (each row of the pass reads its products
-        # before it writes the row); float32 output takes chunks of rows
+        # before it writes the row), and so does a float32 output whose
+        # products are float32; otherwise float32 output takes chunks of rows
         # through a float64 scratch. With x2 = None only the upper triangle is
         # formed (row block r0:r1 against columns r0:m), and the pass writes
         # its mirror image below the diagonal while it is in cache; the
         # outputs' pages are first touched by the threads of the GEMM and of
         # the pass.
-        in_place = dt == np.float64
+        in_place = plan.in_place
         scratch = None
         for c_start, c_stop in _chunks(n, m, in_place):
             if in_place:
@@ -953,11 +1055,14 @@ def _chunks(n, m, in_place):
     return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
-def _check_memory(n, m, d, dt, count, memory_limit, scratch=True):
+def _check_memory(n, m, d, dt, count, memory_limit, scratch=True, unit32=False):
     """Refuse ``count`` (n, m) outputs of dtype ``dt`` that would not fit, with
-    the float64 GEMM scratch of a float32 output (``scratch``)."""
+    the float64 GEMM scratch of a float32 output (``scratch``) and the float32
+    unit vectors of products in float32 (``unit32``)."""
     # the inputs and their unit vectors (two parts each)
     need = count * n * m * dt.itemsize + 3 * (n + m) * d * 8
+    if unit32:
+        need += (n + m) * d * 4
     if scratch and dt != np.float64:
         need += 8 * _chunk_rows(n, m) * m
     limit = memory_limit if memory_limit is not None else available_memory()

@@ -57,7 +57,22 @@ def test_kernel_csv_json_spec_float32_and_get(tmp_path, inputs):
         np.testing.assert_allclose(data["ntk"], lk.kernel(SPEC, x)["ntk"], rtol=1e-7)
 
 
+def test_kernel_with_float32_products(tmp_path, inputs):
+    x, _ = inputs
+    out = tmp_path / "k.npz"
+    result = run("kernel", "--arch", SPEC, "--x", str(tmp_path / "x.npy"), "--dtype",
+                 "float32", "--precision", "float32", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    expected = lk.kernel(SPEC, x, dtype="float32", precision="float32")
+    with np.load(out) as data:
+        for kind in ("nngp", "ntk"):
+            np.testing.assert_array_equal(data[kind], expected[kind])
+
+
 @pytest.mark.parametrize("args, fragment", [
+    (["--arch", SPEC, "--precision", "float32"],
+     "--precision float32 (input products in float32) is for float32 output only: add "
+     "--dtype float32"),
     (["--arch", "dense, rleu, dense"], "unknown layer 'rleu'"),
     (["--arch", "dense(w_std=1.5 b_std=0.1), dense"], "bad spec at character 17"),
     (["--arch", SPEC, "--x2", "missing.npy"], "input file not found: missing.npy"),

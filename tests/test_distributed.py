@@ -138,6 +138,21 @@ def test_refuses_other_computations(tmp_path):
     calls = []
     kernel_to_store(SPEC, x, path=path, progress=lambda done, total: calls.append(done))
     assert calls == []
+
+
+def test_a_store_of_float32_products_is_its_own_computation(tmp_path):
+    x = _x(50)
+    path = tmp_path / "s"
+    out = kernel_to_store(SPEC, x, path=path, tile=16, progress=False, dtype="float32",
+                          precision="float32")
+    plan = prepare(SPEC, x, dtype="float32", precision="float32")
+    exact = kernel(SPEC, x)
+    for kind in ("nngp", "ntk"):
+        root = np.sqrt(np.diag(exact[kind]))
+        err = np.abs(np.asarray(out[kind], dtype=np.float64) - exact[kind])
+        assert np.max(err / np.outer(root, root)) <= plan.products_error
+    with pytest.raises(StoreError, match=r"differs in: precision \(of the input products\)"):
+        kernel_to_store(SPEC, x, path=path, progress=False, dtype="float32")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -1,5 +1,6 @@
 """The public Gram API: properties, agreement with a plain reference, errors."""
 
+import re
 import warnings
 
 import numpy as np
@@ -251,6 +252,9 @@ def test_refuses_what_will_not_fit():
     # float32: two 4 MB outputs, the inputs, and the float64 GEMM of the rows (8 MB)
     with pytest.raises(lk.MemoryBudgetError, match="need 16.1 MB but only 1 MB is available"):
         lk.kernel(RELU3, x, dtype="float32", memory_limit=1_000_000)
+    # float32 products: the outputs hold the GEMM; the unit vectors in float32 (24 kB)
+    with pytest.raises(lk.MemoryBudgetError, match="need 8.17 MB but only 1 MB is available"):
+        lk.kernel(RELU3, x, dtype="float32", memory_limit=1_000_000, precision="float32")
 
 
 def test_one_kernel_needs_one_output():
@@ -370,3 +374,147 @@ def test_a_sum_takes_the_width_its_branches_state():
     with pytest.raises(lk.SpecError, match="the branches end with widths 2 and 7"):
         lk.kernel("dense, parallel[relu, dense(width=7); erf, dense(width=2)], "
                   "dense(parameterization=standard)", x)
+
+
+# ------------------------------------------------- input products in float32
+
+# Networks of each kind of slope in ρ: ReLU's Θ (1/sin θ near ρ = 1), step and
+# sign (K itself), erf and tanh (χ > 1: errors in ρ grow layer by layer).
+PRODUCT_SPECS = [
+    RELU3,
+    "dense, step, dense",
+    "dense(b_std=0), sign, dense, sign, dense",
+    "3 * [dense, erf], dense",
+    "3 * [dense(w_std=1.5, b_std=0.05), tanh], dense",
+]
+
+
+def spread_inputs(n, d, seed):
+    """Inputs around one point whose pairs' 1 − ρ spread from about 1e-5 to 2
+    (many just above the 1e-2 where float32 products take over, where the
+    angle's slope is largest), at norms from 0.5 to 2 times each other, and
+    the negatives of a few of them scaled and nudged (nearly antiparallel pairs)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(d)
+    x = base + 10 ** rng.uniform(-2.5, 0.5, (n, 1)) * rng.standard_normal((n, d))
+    x *= 2 ** rng.uniform(-1, 1, (n, 1))
+    flip = x[:n // 8] * -rng.uniform(0.5, 2, (n // 8, 1))
+    return np.concatenate([x, flip + 1e-5 * rng.standard_normal(flip.shape)])
+
+
+def scaled_error(a, b, d1=None, d2=None):
+    """max |a − b| / √(K(x, x) K(x', x')), the diagonals ``d1``, ``d2`` those of b's
+    rows and columns (by default b's own)."""
+    d1 = np.diag(b) if d1 is None else d1
+    d2 = d1 if d2 is None else d2
+    scale = np.outer(np.sqrt(np.abs(d1)), np.sqrt(np.abs(d2)))
+    return float(np.max(np.abs(a.astype(np.float64) - b) / scale))
+
+
+@pytest.mark.parametrize("spec", PRODUCT_SPECS)
+def test_float32_products_stay_within_the_stated_bound(spec):
+    x = spread_inputs(240, 784, 11)
+    with warnings.catch_warnings():
+        # erf's variances reach 300: its antiparallel bound (3e-13) is stated.
+        warnings.simplefilter("ignore", lk.PrecisionWarning)
+        warnings.simplefilter("ignore", SeriesTruncationWarning)
+        plan = lk.gram.prepare(spec, x, dtype="float32", precision="float32")
+        fast = lk.kernel(spec, x, dtype="float32", precision="float32")
+        exact = lk.kernel(spec, x)
+    assert plan.rows.unit32.dtype == np.float32
+    # The README's bound, FLOAT32_PRODUCTS_ERROR · max(1, χ) (2e-5 to 2e-4 here),
+    # plus the output's own rounding; 1e-5 to 6e-5 was measured on such specs
+    # with 1 − ρ recomputed only below 1e-3, 2e-6 to 1e-5 with 1e-2.
+    bound = plan.products_error + 2 ** -24
+    assert 2e-5 <= plan.products_error <= 2e-4
+    for kind in ("nngp", "ntk"):
+        assert fast[kind].dtype == np.float32
+        assert scaled_error(fast[kind], exact[kind]) <= bound, kind
+
+
+def test_float32_products_keep_nearly_identical_and_antiparallel_pairs_exact():
+    # Pairs within 1 − ρ < 1e-2 of each other or of each other's negative take ρ
+    # from the unit vectors in float64: they equal the float64 kernels rounded
+    # to float32, to an ulp (the same ρ by another float64 route). At such pairs
+    # a sign layer's slope in ρ is 1/√(1 − ρ²): the float32 product's error
+    # (~1e-7) would become 1e-4 or more. (Two sign layers would not do as a
+    # test: there float64 itself loses 1 + ρ, as the README states.)
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal((6, 50))
+    near = [base * rng.uniform(0.5, 2, (6, 1)) + e * rng.standard_normal((6, 50))
+            for e in (1e-12, 1e-8, 1e-5, 1e-3)]
+    x = np.concatenate([base, *near, *(-v for v in near)])
+    for spec in ("dense(b_std=0), sign, dense", RELU3):
+        fast = lk.kernel(spec, x, dtype="float32", precision="float32")
+        exact = lk.kernel(spec, x)
+        for kind in ("nngp", "ntk"):
+            rows = np.arange(6)
+            for block in range(1, 9):
+                cols = rows + 6 * block
+                got = fast[kind][rows, cols]
+                np.testing.assert_allclose(got, exact[kind][rows, cols], rtol=2 ** -23,
+                                           atol=0, err_msg=f"{spec} {kind} block {block}")
+
+
+def test_float32_products_give_exact_diagonals_and_identical_pairs():
+    x = np.random.default_rng(13).standard_normal((30, 7))
+    x[5] = x[2]
+    fast = lk.kernel(RELU3, x, dtype="float32", precision="float32")
+    diag = lk.kernel_diag(RELU3, x)
+    for kind in ("nngp", "ntk"):
+        want = diag[kind].astype(np.float32)
+        np.testing.assert_array_equal(np.diag(fast[kind]), want)
+        assert fast[kind][2, 5] == fast[kind][5, 2] == want[2]
+        np.testing.assert_array_equal(fast[kind], fast[kind].T)
+
+
+@pytest.mark.parametrize("x2_rows", [None, 23])
+def test_float32_products_in_blocks_and_tiles(monkeypatch, x2_rows):
+    from limitkernel import gram
+
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((100, 40))
+    x2 = None if x2_rows is None else rng.standard_normal((x2_rows, 40))
+    exact = lk.kernel(RELU3, x, x2)
+    whole = lk.kernel(RELU3, x, x2, dtype="float32", precision="float32")
+    monkeypatch.setattr(gram, "_BLOCK_BYTES", 8 * 100 * 16)  # 16-row GEMM blocks
+    blocked = lk.kernel(RELU3, x, x2, dtype="float32", precision="float32")
+    plan = lk.gram.prepare(RELU3, x, x2, dtype="float32", precision="float32")
+    m = len(x if x2 is None else x2)
+    tile = plan.tile(10, 70, 3, m)
+    d1 = lk.kernel_diag(RELU3, x)
+    d2 = d1 if x2 is None else lk.kernel_diag(RELU3, x2)
+    for kind in ("nngp", "ntk"):
+        for got in (whole[kind], blocked[kind]):
+            assert got.dtype == np.float32
+            assert scaled_error(got, exact[kind], d1[kind], d2[kind]) <= \
+                plan.products_error
+        assert scaled_error(tile[kind], exact[kind][10:70, 3:m], d1[kind][10:70],
+                            d2[kind][3:m]) <= plan.products_error
+
+
+def test_float32_products_warn_where_the_network_amplifies_them():
+    # χ ≈ 1e4: errors in the inputs' correlations grow layer by layer. The
+    # warning states the bound, and the error stays within it.
+    spec = "10 * [dense(w_std=3), erf], dense"
+    x = spread_inputs(120, 64, 15)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = lk.gram.prepare(spec, x, dtype="float32", precision="float32")
+        fast = lk.kernel(spec, x, dtype="float32", precision="float32")
+        exact = lk.kernel(spec, x)
+    said = [str(w.message) for w in caught if "precision='float32'" in str(w.message)]
+    assert len(said) == 2 and all(m == said[0] for m in said)
+    assert re.search(r"by up to χ = 1\.\d+e\+04 .* may err by up to 0\.3 of sqrt", said[0])
+    assert plan.products_error == pytest.approx(0.27, abs=0.005)
+    for kind in ("nngp", "ntk"):
+        assert scaled_error(fast[kind], exact[kind]) <= plan.products_error
+
+
+def test_float32_products_change_nothing_on_positions():
+    x = np.random.default_rng(16).standard_normal((9, 5, 5, 2))
+    spec = "conv(k=3), relu, flatten, dense"
+    plain = lk.kernel(spec, x, dtype="float32")
+    fast = lk.kernel(spec, x, dtype="float32", precision="float32")
+    for kind in ("nngp", "ntk"):
+        np.testing.assert_array_equal(fast[kind], plain[kind])

@@ -25,6 +25,12 @@ SPEC = "dense, relu, dense"
     ({"get": 5}, TypeError, "get must name 'nngp' and/or 'ntk'"),
     ({"get": ["ntk", 5]}, ValueError, "get must name 'nngp' and/or 'ntk'"),
     ({"get": ()}, ValueError, "get must name 'nngp' and/or 'ntk'"),
+    ({"precision": "float16", "dtype": "float32"}, ValueError,
+     "precision must be 'float64' or 'float32' (of the input products x·x'), got 'float16'"),
+    ({"precision": True, "dtype": "float32"}, ValueError, "precision must be 'float64'"),
+    ({"precision": "float32"}, ValueError,
+     "precision='float32' (input products in float32) is for float32 output only; pass "
+     "dtype='float32' as well"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, error, fragment):
     with pytest.raises(error, match=re.escape(fragment)):

@@ -20,7 +20,9 @@ Properties (README, Accuracy):
 * identical inputs give exactly the diagonal, and ``kernel_diag`` is that
   diagonal;
 * small cases agree with the mpmath recursion of :mod:`reference` within 1e-13
-  relative to √(K(x,x) K(x',x')).
+  relative to √(K(x,x) K(x',x'));
+* with float32 input products (``precision="float32"``), the kernels stay within
+  their stated bound of float64's, and on positions equal float64's rounded.
 
 Where the README documents a loss — 1 − ρ taken from the covariance after erf,
 GELU, gaussian, Hermite-series and pooling layers, which a later ReLU-family,
@@ -884,6 +886,32 @@ def test_identical_inputs_give_exactly_the_diagonal(case):
                                          f"inputs, diagonal {want!r}: {case!r}")
                 assert c[i, j] == want, (f"kernel(x, x.copy()) {kind}[{i},{j}] = "
                                          f"{c[i, j]!r} for identical inputs, {want!r}: {case!r}")
+
+
+@sized(40)
+@given(cases())
+def test_float32_products_stay_within_their_stated_bound(case):
+    note(repr(case))
+    own = _computed(case)
+    if own is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = lk.gram.prepare(case.spec, case.x, dtype="float32", precision="float32")
+        fast = lk.kernel(case.spec, case.x, dtype="float32", precision="float32")
+    if case.spatial:
+        # No input product on positions: exactly the float32 output of float64.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plain = lk.kernel(case.spec, case.x, dtype="float32")
+        for kind in ("nngp", "ntk"):
+            assert np.array_equal(fast[kind], plain[kind]), (kind, case)
+        return
+    event(f"stated bound {plan.products_error:.0e}")
+    fast = {kind: value.astype(np.float64) for kind, value in fast.items()}
+    # The README's bound, the float32 rounding of the output (2^-24 of an entry,
+    # at most of its scale), and each entry's documented float64 allowance.
+    _check_close(case, own, fast, plan.products_error + 2 ** -24, "float32 products")
 
 
 @sized(12)
