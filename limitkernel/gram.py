@@ -8,6 +8,7 @@ computed and then mirrored.
 """
 
 import functools
+import math
 import numbers
 import os
 import warnings
@@ -35,9 +36,10 @@ NEAR_DUPLICATE_FLOAT32 = 1e-2
 # √(K(x, x) K(x', x')) and per unit of the network's correlation slope χ at
 # ρ = 1 (at least 1): the products' ρ errs by a few 1e-7 and a layer passes an
 # error in ρ on by at most its slope. The largest error measured per unit χ was
-# 5.8e-6 (d from 4 to 4096, 1 − ρ from 3e-3 to 2, relu, step, sign, erf, tanh,
-# gelu networks of 1 to 20 layers; tests/test_kernel_fuzz.py checks it on random
-# networks). Above _FLOAT32_PRODUCTS_WARN, the call warns with its bound.
+# 8.3e-6 (d from 4 to 4096, 1 − ρ from 3e-3 to 2, networks of the ReLU family,
+# step, sign, erf, tanh, gelu, layernorm and residual blocks of 1 to 100 layers,
+# the largest on 20 ReLU layers; tests/test_kernel_fuzz.py checks the bound on
+# random networks). Above _FLOAT32_PRODUCTS_WARN, the call warns with its bound.
 FLOAT32_PRODUCTS_ERROR = 2e-5
 _FLOAT32_PRODUCTS_WARN = 1e-4
 
@@ -528,6 +530,7 @@ class GramPlan:
             program.diagonals(x1)
             raise
         self.nngp_diag, self.ntk_diag = sides[0]["nngp"], sides[0]["ntk"]
+        self._check_output_range([(side["nngp"], side["ntk"]) for side in sides])
         x1n = _normalise(x1)
         x2n = x1n if self.symmetric else _normalise(x2)
         u1 = np.ascontiguousarray(x1n[..., 0], dtype=np.float32) if self.unit else None
@@ -540,6 +543,40 @@ class GramPlan:
                           *_stack_tables(last["tables"], len(x2), True), 2, u2)
         if self.unit:
             self._check_float32_products(program, x1, x2)
+
+    def _check_output_range(self, diags):
+        """float32 output: refuse kernels that may not fit in float32, and warn
+        where their scale is below its normal range (relative precision lost).
+
+        ``diags`` holds (K, Θ) diagonals of the rows' inputs and, for two input
+        sets, of the columns'; an entry is at most √(K(x, x) K(x', x')) in size.
+        """
+        if self.dtype != np.float32:
+            return
+        info = np.finfo(np.float32)
+        for index, kind in enumerate(("K", "Θ")):
+            sides = [np.abs(d[index]) for d in diags]
+            high = [float(np.max(d)) for d in sides]
+            largest = math.sqrt(high[0]) * math.sqrt(high[-1])
+            if largest > float(info.max):
+                raise FloatingPointError(
+                    f"{kind} reaches {max(high):.3g} on the diagonal, beyond float32's range "
+                    f"({float(info.max):.3g}), so entries would be inf in float32; use "
+                    "dtype='float64', or rescale the inputs (or lower w_std, b_std)")
+            positive = [d[d > 0] for d in sides]
+            if not all(len(d) for d in positive):
+                continue
+            low = [float(np.min(d)) for d in positive]
+            smallest = math.sqrt(low[0]) * math.sqrt(low[-1])
+            if smallest < 2.0 * float(info.tiny):
+                # Rounding below the normal range errs by up to half a subnormal.
+                bound = min(float(info.smallest_subnormal) / 2 / smallest + 2.0 ** -24, 1.0)
+                warnings.warn(
+                    f"float32 output: {kind} falls to {min(low):.3g} on the diagonal, below "
+                    f"float32's normal range ({float(info.tiny):.3g}), where it keeps no "
+                    f"relative precision: entries may be off by up to {bound:.1g} of "
+                    f"√({kind}(x, x) {kind}(x', x')); use dtype='float64', or rescale the "
+                    "inputs", PrecisionWarning, stacklevel=_caller_level())
 
     def _check_float32_products(self, program, x1, x2):
         """Warn when float32 input products may cost more than
@@ -603,6 +640,7 @@ class GramPlan:
             diags.append((nngp, ntk))
         _check_antiparallel(program, np.concatenate(largest, axis=1))
         self.nngp_diag, self.ntk_diag = diags[0]
+        self._check_output_range(diags)
         self.rows = sides[0]
         self.cols = sides[-1]
 

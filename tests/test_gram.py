@@ -148,6 +148,30 @@ def test_float32_output_is_rounded_float64():
         np.testing.assert_allclose(f32[kind], f64[kind], rtol=2 ** -24, atol=0)
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_float32_output_outside_float32s_range(precision):
+    # Found by fuzzing: K = 1.6e40 came out as inf in float32, and K = 1.6e-42 kept
+    # 3 digits. Beyond the range is refused; below the normal range warns with
+    # the bound (half a subnormal over the smallest scale).
+    spec = "dense(parameterization=standard), dense"
+    with pytest.raises(FloatingPointError, match=r"K reaches 1\.58e\+40 on the diagonal, "
+                       r"beyond float32's range \(3\.4e\+38\)"):
+        lk.kernel(spec, np.array([[1.257302210933933e20], [1.0]]), dtype="float32",
+                  precision=precision)
+    x = np.array([[1.257302210933933e-21], [6e-22]])
+    with pytest.warns(lk.PrecisionWarning, match=r"K falls to 3\.6e-43 on the diagonal.*"
+                      r"off by up to 0\.002 of √\(K\(x, x\) K\(x', x'\)\)"):
+        out = lk.kernel(spec, x, get="nngp", dtype="float32", precision=precision)
+    exact = lk.kernel(spec, x, get="nngp")["nngp"]
+    error = np.abs(out["nngp"] - exact) / np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    assert 1e-4 < error.max() <= 0.002
+    # Nothing to say at ordinary scales, or in float64.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.kernel(spec, x * 1e12, get="nngp", dtype="float32", precision=precision)
+        lk.kernel(spec, x, get="nngp")
+
+
 def test_a_dense_layer_gives_a_pair_the_same_correlation_in_either_order():
     # Found by fuzzing: 1-d inputs are exactly antiparallel here, and a dense
     # layer rounded the pair's ρ differently as (x, x') and as (x', x) (its two
