@@ -141,16 +141,18 @@ def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym, un
                 q12[j] = (1.0 - one_minus_rho[j]) * (s1 * s2[j])
             if acc == 0.0 and s1 == s2[j]:
                 q12[j] = v1
-        elif unit and one_minus_rho[j] > 2.0 - near:
-            # Nearly antiparallel: the angle's slope at θ ≈ π would amplify the
-            # float32 product's error too, so ρ = |x̂ + x̂'|²/2 − 1 in float64,
-            # as accurate as float64 products give it.
-            acc = 0.0
-            for k in range(d):
-                both = unit_sum(x1n[i, k], x2n[j0 + j, k])
-                acc += both * both
-            one_minus_rho[j] = 2.0 - 0.5 * acc
-            q12[j] = (0.5 * acc - 1.0) * (s1 * s2[j])
+    if unit:
+        for j in range(n):
+            if one_minus_rho[j] > 2.0 - near:
+                # Nearly antiparallel: the angle's slope at θ ≈ π would amplify
+                # the float32 product's error too, so ρ = |x̂ + x̂'|²/2 − 1 in
+                # float64, as accurate as float64 products give it.
+                acc = 0.0
+                for k in range(d):
+                    both = unit_sum(x1n[i, k], x2n[j0 + j, k])
+                    acc += both * both
+                one_minus_rho[j] = 2.0 - 0.5 * acc
+                q12[j] = (0.5 * acc - 1.0) * (s1 * s2[j])
     if sym and j0 == i:
         one_minus_rho[0] = 0.0
         q12[0] = v1
