@@ -706,9 +706,9 @@ class GramPlan:
                     _mirror_block(out, r0, r1, c1)
             return
         _fused.gram_block(g, k_out, t_out, r0, c0, sym, mirror, self.scale, self.unit,
-                          self.near, rows.xn, cols.xn, rows.roots, cols.roots, rows.var0, cols.var0, self.codes,
-                          self.prm, rows.h, cols.h, rows.hd, cols.hd, status, want_nngp,
-                          self.want_ntk)
+                          self.near, rows.xn, cols.xn, rows.roots, cols.roots, rows.var0,
+                          cols.var0, self.codes, self.prm, rows.h, cols.h, rows.hd, cols.hd,
+                          status, want_nngp, self.want_ntk)
         _check_status(status)
         if status[1] >= 0:
             self._not_finite(rows, cols, int(status[1]), int(status[2]))
@@ -842,8 +842,8 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         Precision of the input products x·x' (the one matrix product; all
         arithmetic after it is float64). "float32" (with ``dtype="float32"``
         only) multiplies the inputs' unit vectors rounded to float32, about
-        twice as fast, and recomputes 1 − ρ in float64 for pairs with
-        1 − ρ < 1e-2. Its kernels err by at most 2e-5 · max(1, χ) of
+        twice as fast, and recomputes ρ in float64 for nearly identical and
+        nearly antiparallel pairs (1 ∓ ρ < 1e-2). Its kernels err by at most 2e-5 · max(1, χ) of
         √(K(x, x) K(x', x')) (χ: the network's correlation slope at ρ = 1; a
         PrecisionWarning gives the bound where it exceeds 1e-4), against
         6e-8 of each entry with "float64". Networks on positions have no input
