@@ -504,8 +504,8 @@ def build_parser():
     p.add_argument("--precision", default="float64", choices=("float64", "float32"),
                    help="precision of the input products x·x' (default float64); float32, "
                         "with --dtype float32 only, is about twice as fast and errs by up to "
-                        "2e-5·max(1, χ) of sqrt(K(x,x)K(x',x')) (χ: the network's "
-                        "correlation slope at ρ = 1)")
+                        "2e-5·max(1, χ)·max(1, √(d/65536)) of sqrt(K(x,x)K(x',x')) (χ: the "
+                        "network's correlation slope at ρ = 1, d: the number of features)")
     p.add_argument("--out",
                    help="output .npz with arrays nngp and ntk (computed in memory); a path "
                         "without an extension is read as --store")

@@ -40,7 +40,11 @@ NEAR_DUPLICATE_FLOAT32 = 1e-2
 # step, sign, erf, tanh, gelu, layernorm and residual blocks of 1 to 100 layers,
 # the largest on 20 ReLU layers; tests/test_kernel_fuzz.py checks the bound on
 # random networks). Above _FLOAT32_PRODUCTS_WARN, the call warns with its bound.
+# The products' error grows like √d past d ≈ 1.6e4 (float32 accumulation; on 20
+# ReLU layers 2.8e-6 at d = 16384, 6.3e-6 at 1e5, 1.3e-5 at 4e5), so the bound
+# carries max(1, √(d / _FLOAT32_PRODUCTS_D)) as well.
 FLOAT32_PRODUCTS_ERROR = 2e-5
+_FLOAT32_PRODUCTS_D = 65536
 _FLOAT32_PRODUCTS_WARN = 1e-4
 
 # Row blocks are sized so that one block of the GEMM holds about this many bytes.
@@ -493,8 +497,8 @@ class GramPlan:
         the unit vectors, float32 output only).
     products_error : float
         With float32 products, the stated bound of their error in the kernels,
-        relative to √(K(x, x) K(x', x')) (``FLOAT32_PRODUCTS_ERROR`` · max(1, χ));
-        0 otherwise.
+        relative to √(K(x, x) K(x', x')) (``FLOAT32_PRODUCTS_ERROR`` · max(1, χ)
+        · max(1, √(d / 65536)), d the number of features); 0 otherwise.
     nngp_diag, ntk_diag : (n1,) arrays
         K(x, x) and Θ(x, x) of the row inputs.
     """
@@ -586,12 +590,14 @@ class GramPlan:
             program.diagonals(x)
             slopes.append(program.chi_max or 0.0)
         chi = max(slopes)
-        self.products_error = FLOAT32_PRODUCTS_ERROR * max(1.0, chi)
+        self.products_error = FLOAT32_PRODUCTS_ERROR * max(1.0, chi) * max(
+            1.0, math.sqrt(self.n_features / _FLOAT32_PRODUCTS_D))
         if self.products_error > _FLOAT32_PRODUCTS_WARN:
             warnings.warn(
                 f"precision='float32': this network multiplies errors in its inputs' "
-                f"correlations by up to χ = {chi:.3g} (its correlation slope at ρ = 1), so "
-                f"with float32 input products its kernels may err by up to "
+                f"correlations by up to χ = {chi:.3g} (its correlation slope at ρ = 1), and "
+                f"float32 products of {self.n_features} features err by a few 1e-7 or "
+                f"more, so its kernels may err by up to "
                 f"{self.products_error:.1g} of sqrt(K(x, x) K(x', x')); use "
                 "precision='float64' (the default)", PrecisionWarning,
                 stacklevel=_caller_level())
@@ -843,10 +849,11 @@ def kernel(spec, x1, x2=None, get=KINDS, dtype="float64", memory_limit=None,
         arithmetic after it is float64). "float32" (with ``dtype="float32"``
         only) multiplies the inputs' unit vectors rounded to float32, about
         twice as fast, and recomputes ρ in float64 for nearly identical and
-        nearly antiparallel pairs (1 ∓ ρ < 1e-2). Its kernels err by at most 2e-5 · max(1, χ) of
-        √(K(x, x) K(x', x')) (χ: the network's correlation slope at ρ = 1; a
-        PrecisionWarning gives the bound where it exceeds 1e-4), against
-        6e-8 of each entry with "float64". Networks on positions have no input
+        nearly antiparallel pairs (1 ∓ ρ < 1e-2). Its kernels err by at most
+        2e-5 · max(1, χ) · max(1, √(d/65536)) of √(K(x, x) K(x', x')) (χ: the
+        network's correlation slope at ρ = 1; d: the number of features; a
+        PrecisionWarning gives the bound where it exceeds 1e-4), against 6e-8
+        of each entry with "float64". Networks on positions have no input
         product, and there it changes nothing.
 
     Returns

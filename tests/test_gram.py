@@ -446,7 +446,8 @@ def test_float32_products_stay_within_the_stated_bound(spec):
         fast = lk.kernel(spec, x, dtype="float32", precision="float32")
         exact = lk.kernel(spec, x)
     assert plan.rows.unit32.dtype == np.float32
-    # The README's bound, FLOAT32_PRODUCTS_ERROR · max(1, χ) (2e-5 to 2e-4 here),
+    # The README's bound, FLOAT32_PRODUCTS_ERROR · max(1, χ) (2e-5 to 2e-4 here;
+    # d = 784 adds no factor),
     # plus the output's own rounding; 1e-5 to 6e-5 was measured on such specs
     # with 1 − ρ recomputed only below 1e-3, 2e-6 to 1e-5 with 1e-2.
     bound = plan.products_error + 2 ** -24
@@ -542,3 +543,13 @@ def test_float32_products_change_nothing_on_positions():
     fast = lk.kernel(spec, x, dtype="float32", precision="float32")
     for kind in ("nngp", "ntk"):
         np.testing.assert_array_equal(fast[kind], plain[kind])
+
+
+def test_float32_products_bound_grows_with_the_number_of_features():
+    # float32 sums of d products err like √d past d ≈ 1.6e4 (1.3e-5 measured on
+    # 20 ReLU layers at d = 4e5): the bound carries max(1, √(d / 65536)).
+    rng = np.random.default_rng(17)
+    for d, factor in ((784, 1.0), (65536, 1.0), (262144, 2.0)):
+        plan = lk.gram.prepare("dense(b_std=0), relu, dense", rng.standard_normal((3, d)),
+                               dtype="float32", precision="float32")
+        assert plan.products_error == pytest.approx(lk.gram.FLOAT32_PRODUCTS_ERROR * factor)
