@@ -58,7 +58,7 @@ from .layers.normalization import OP_DROPOUT, OP_LAYERNORM, dropout_row, layerno
 from .layers.numerical import OP_HERMITE, hermite_diagonal, hermite_row, hermite_rows
 
 __all__ = ["DISPATCHED", "NEAR_DUPLICATE", "CACHE_LINE", "ROW_GROUP_SERIES", "apply_row_op",
-           "gram_block", "init_row", "run_ops", "self_rows", "unit_difference", "unit_sum"]
+           "gram_block", "init_row", "run_ops", "self_rows", "unit_difference"]
 
 # Every opcode the passes run (this one, and those of positions in
 # :mod:`limitkernel._fused_spatial`); an op a pass does not know leaves its code
@@ -89,16 +89,20 @@ ROW_GROUP_SERIES = 16
 
 
 @jit
-def unit_difference(a, b):
-    """x̂ − x̂' in one component, from the two parts (2,) of each unit vector's
-    (:func:`limitkernel._rows.unit_rows`)."""
-    return (a[0] - b[0]) + (a[1] - b[1])
+def unit_difference(a, b, sign=1.0):
+    """x̂ − sign · x̂' (sign ±1, exact) in one component, from the two parts (2,)
+    of each unit vector's (:func:`limitkernel._rows.unit_rows`)."""
+    return (a[0] - sign * b[0]) + (a[1] - sign * b[1])
 
 
 @jit
-def unit_sum(a, b):
-    """x̂ + x̂' in one component, from the two parts of each unit vector."""
-    return (a[0] + b[0]) + (a[1] + b[1])
+def _unit_gap(x1n, i, x2n, j, sign):
+    """|x̂_i − sign · x̂'_j|² = 2 (1 − sign · ρ), without cancellation."""
+    acc = 0.0
+    for k in range(x1n.shape[1]):
+        gap = unit_difference(x1n[i, k], x2n[j, k], sign)
+        acc += gap * gap
+    return acc
 
 
 @jit
@@ -125,16 +129,12 @@ def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym, un
             q12[j] = q
             norm = s1 * s2[j]
             one_minus_rho[j] = 1.0 - q / norm if norm > 0.0 else 1.0
-    d = x1n.shape[1]
     for j in range(n):
         if one_minus_rho[j] < near:
             # 1 - ρ = |x̂ - x̂'|² / 2 for unit vectors x̂, x̂': no cancellation,
             # and each held in two parts, so that their difference keeps its
             # relative precision however close the inputs are.
-            acc = 0.0
-            for k in range(d):
-                diff = unit_difference(x1n[i, k], x2n[j0 + j, k])
-                acc += diff * diff
+            acc = _unit_gap(x1n, i, x2n, j0 + j, 1.0)
             one_minus_rho[j] = 0.5 * acc
             if unit:
                 # The float32 product's ρ, replaced by the float64 one.
@@ -147,10 +147,7 @@ def init_row(q12, one_minus_rho, scale, i, j0, x1n, x2n, s1, s2, v1, v2, sym, un
                 # Nearly antiparallel: the angle's slope at θ ≈ π would amplify
                 # the float32 product's error too, so ρ = |x̂ + x̂'|²/2 − 1 in
                 # float64, as accurate as float64 products give it.
-                acc = 0.0
-                for k in range(d):
-                    both = unit_sum(x1n[i, k], x2n[j0 + j, k])
-                    acc += both * both
+                acc = _unit_gap(x1n, i, x2n, j0 + j, -1.0)
                 one_minus_rho[j] = 2.0 - 0.5 * acc
                 q12[j] = (0.5 * acc - 1.0) * (s1 * s2[j])
     if sym and j0 == i:

@@ -426,8 +426,8 @@ class _SpatialSide:
     """What the spatial passes need of the rows (or columns) of a Gram matrix.
 
     ``x`` (n, P, C) the inputs with positions flattened, ``xn`` (n, P, C, 2)
-    each position's channel vector at unit norm in two parts, ``var``/``root`` (n, R) the per-position
-    diagonals of every op and their roots. Transposed copies for the column
+    each position's channel vector at unit norm in two parts, ``var``/``root``
+    (n, R) the per-position diagonals of every op and their roots. Transposed copies for the column
     side are made on first use.
     """
 
