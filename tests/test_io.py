@@ -37,10 +37,10 @@ def test_written_file_gets_the_mode_the_umask_gives(tmp_path, umask, mask):
 def test_failure_leaves_nothing_and_keeps_the_old_file(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_path(target, ".json") as tmp, open(tmp, "w") as fh:
-            fh.write("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), \
+            atomic_path(target, ".json") as tmp, open(tmp, "w") as fh:
+        fh.write("half")
+        raise RuntimeError("boom")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["out.json"]
 
@@ -57,13 +57,13 @@ def test_success_replaces_and_leaves_no_temporary(tmp_path):
 def test_a_directory_in_the_way_is_one_clear_error(tmp_path):
     target = tmp_path / "k.npz"
     target.mkdir()
-    with pytest.raises(IsADirectoryError, match=r"k\.npz is a directory"):
-        with atomic_path(target, ".npz") as tmp, open(tmp, "wb") as fh:
-            fh.write(b"x")
+    with pytest.raises(IsADirectoryError, match=r"k\.npz is a directory"), \
+            atomic_path(target, ".npz") as tmp, open(tmp, "wb") as fh:
+        fh.write(b"x")
     assert os.listdir(tmp_path) == ["k.npz"] and not os.listdir(target)
 
 
 def test_missing_directory_is_one_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="directory .* does not exist"):
-        with atomic_path(tmp_path / "nope" / "k.npz", ".npz"):
-            pass
+    with pytest.raises(FileNotFoundError, match="directory .* does not exist"), \
+            atomic_path(tmp_path / "nope" / "k.npz", ".npz"):
+        pass
